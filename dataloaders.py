@@ -1,0 +1,269 @@
+"""CIFAR-10 decoded once into uint8 tensors that live on the training device, served in batches.
+
+No DataLoader, no per-image Python in the training loop: a batch is an index into the tensor,
+and augmentation and normalisation are a few batched tensor ops on the device (the approach
+of Keller Jordan's airbench, https://github.com/KellerJordan/cifar10-airbench).
+"""
+import hashlib
+import os
+import pathlib
+import pickle
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import utils
+
+# Task 2's normalisation, per channel: x = (pixel / 255 - mean) / std.
+mean = (0.5, 0.5, 0.5)
+std = (0.25, 0.25, 0.25)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+CACHE_NAME = "cifar10-uint8-cache.pt"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class DatasetNotFoundError(utils.UserError):
+    """CIFAR-10 is neither in the data folder nor downloadable."""
+
+
+# ---------------------------------------------------------------- reading the two layouts
+
+def read_pickled_batches(folder):
+    """torchvision's layout (cifar-10-batches-py/) -> (train images uint8 [N,3,32,32], train labels int64 [N],
+    test images, test labels, class names)."""
+    folder = pathlib.Path(folder)
+
+    def read(name):
+        with open(folder / name, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    def images_and_labels(batches):
+        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([b["labels"] for b in batches])
+        return torch.from_numpy(images), torch.from_numpy(labels).long()
+
+    train = images_and_labels([read(f"data_batch_{i}") for i in range(1, 6)])
+    test = images_and_labels([read("test_batch")])
+    classes = read("batches.meta")["label_names"]
+    return (*train, *test, list(classes))
+
+
+def list_image_folder(root):
+    """train/<class>/* and test/<class>/* -> ({split: [(path, label), ...]}, class names sorted)."""
+    root = pathlib.Path(root)
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    if not classes or classes != test_classes:
+        raise DatasetNotFoundError(
+            f"'{root}/train' and '{root}/test' must hold the same class folders; "
+            f"found {classes} and {test_classes}")
+    files = {}
+    for split in ("train", "test"):
+        files[split] = [(path, label) for label, name in enumerate(classes)
+                        for path in sorted((root / split / name).iterdir())
+                        if path.suffix.lower() in IMAGE_SUFFIXES]
+    return files, classes
+
+
+def fingerprint(files):
+    """A digest of every file's name, size and modification time: changes when the folder does."""
+    digest = hashlib.sha256()
+    for split, entries in files.items():
+        for path, label in entries:
+            stat = path.stat()
+            digest.update(f"{split}/{path.parent.name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def decode_image(path):
+    """One image file -> uint8 [3,32,32]; anything but 32x32 is an error."""
+    with Image.open(path) as image:
+        pixels = np.array(image.convert("RGB"))
+    if pixels.shape[:2] != (32, 32):
+        raise DatasetNotFoundError(
+            f"'{path}' is {pixels.shape[1]}x{pixels.shape[0]} pixels; CIFAR-10 images are 32x32")
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode_images(entries):
+    """[(path, label)] -> (images uint8 [N,3,32,32], labels int64 [N])."""
+    with ThreadPoolExecutor() as pool:  # PIL lets go of the GIL while it decodes
+        images = list(pool.map(decode_image, [path for path, _ in entries]))
+    return torch.stack(images), torch.tensor([label for _, label in entries], dtype=torch.long)
+
+
+def cache_path(root):
+    """Where the decoded image folder is cached: inside it, or in the user's cache if it is read-only."""
+    root = pathlib.Path(root).resolve()
+    if os.access(root, os.W_OK):
+        return root / CACHE_NAME
+    user_cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    return user_cache / "cifar10-course" / hashlib.sha256(str(root).encode()).hexdigest()[:16] / CACHE_NAME
+
+
+def read_image_folder(root):
+    """Image-folder layout -> same as read_pickled_batches; decoded once, then read from a cache file."""
+    files, classes = list_image_folder(root)
+    key = fingerprint(files)
+    cache = cache_path(root)
+    if cache.is_file():
+        cached = torch.load(cache, map_location="cpu", weights_only=True)
+        if cached.get("fingerprint") == key:
+            return (cached["train_images"], cached["train_labels"],
+                    cached["test_images"], cached["test_labels"], cached["classes"])
+    print(f"decoding the images in '{root}' once; later runs read '{cache}'")
+    train_images, train_labels = decode_images(files["train"])
+    test_images, test_labels = decode_images(files["test"])
+    try:
+        utils.save_checkpoint(dict(train_images=train_images, train_labels=train_labels,
+                                   test_images=test_images, test_labels=test_labels,
+                                   classes=classes, fingerprint=key), cache)
+    except OSError as error:
+        print(f"note: could not write the cache '{cache}' ({error}); the images are decoded on every run")
+    return train_images, train_labels, test_images, test_labels, classes
+
+
+def download(root):
+    """Fetch CIFAR-10 with torchvision into root/cifar-10-batches-py -> None, or why it failed."""
+    import torchvision
+
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a network that drops packets fails in a minute instead of hanging
+    try:
+        torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+        return None
+    except Exception as error:  # noqa: BLE001  (any failure means: tell the user what to do)
+        return f"{type(error).__name__}: {error}"
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def read_cifar10(data_dir):
+    """Find CIFAR-10 in either layout under data_dir (downloading if absent) -> as read_pickled_batches."""
+    root = pathlib.Path(data_dir)
+    for batches in (root / "cifar-10-batches-py", root):
+        if (batches / "data_batch_1").is_file():
+            return read_pickled_batches(batches)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return read_image_folder(root)
+    failure = download(root)
+    if failure is None:
+        return read_pickled_batches(root / "cifar-10-batches-py")
+    raise DatasetNotFoundError(
+        f"CIFAR-10 is not in '{root}' and could not be downloaded ({failure}). "
+        f"Put it there in one of two layouts: torchvision's 'cifar-10-batches-py/' (unpacked from "
+        f"{CIFAR10_URL}), or image folders 'train/<class>/*.png' and 'test/<class>/*.png'; "
+        f"or point to it with --data-dir DIR")
+
+
+# ---------------------------------------------------------------- batches on the device
+
+class DeviceLoader:
+    """Iterates over (images float [B,3,H,W], labels int64 [B]) drawn from uint8 images on one device.
+
+    Like a DataLoader: len() is batches per epoch; with shuffle, the order changes every epoch
+    and the last partial batch is dropped (unless there is no full batch at all); without it,
+    every image comes exactly once, in order.
+    """
+
+    def __init__(self, images, labels, batch_size, *, mean, std, shuffle=False, augment=False,
+                 crop_padding=4, seed=0, classes=None):
+        self.images = images  # uint8 [N,3,H,W] on the training device
+        self.labels = labels  # int64 [N]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.classes = classes  # class names, label order
+        self.mean, self.std = tuple(mean), tuple(std)  # per channel, in units of pixel / 255
+        self._mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+        # Random draws happen on the CPU, once per epoch, so a seed gives the same epochs on any device.
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def device(self):
+        return self.images.device
+
+    @property
+    def num_images(self):
+        return len(self.labels)
+
+    def __len__(self):
+        if self.shuffle:  # drop the last partial batch, but never the only one
+            return max(1, self.num_images // self.batch_size)
+        return -(-self.num_images // self.batch_size)
+
+    def __iter__(self):
+        n = self.num_images
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        if self.augment:
+            # Per image: crop offsets in [0, 2 * padding] and a coin for the horizontal flip.
+            shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
+            flips = torch.rand(n, generator=self.generator) < 0.5
+            shifts, flips = shifts.to(self.device), flips.to(self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = random_crop(images, shifts[index], self.crop_padding)
+                images = torch.where(flips[index].view(-1, 1, 1, 1), images.flip(3), images)
+            yield self.normalize(images), self.labels[index]
+
+    def evaluation_view(self, batch_size):
+        """The same images in order, unaugmented, every one exactly once: for evaluating on this set."""
+        return DeviceLoader(self.images, self.labels, batch_size, mean=self.mean, std=self.std,
+                            classes=self.classes)
+
+    def normalize(self, images):
+        """uint8 [B,3,H,W] -> float [B,3,H,W]; the same arithmetic as ToTensor() + Normalize()."""
+        return (images.float().div(255) - self._mean) / self._std
+
+
+def random_crop(images, shifts, padding):
+    """uint8 [B,C,H,W], shifts int [B,2] in [0, 2*padding] -> each image cropped from its zero-padded self."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)  # zeros, as torchvision's RandomCrop(padding=...)
+    rows = (shifts[:, 0:1] + torch.arange(h, device=images.device)).view(b, h, 1)  # [B,H,1]
+    cols = (shifts[:, 1:2] + torch.arange(w, device=images.device)).view(b, 1, w)  # [B,1,W]
+    batch = torch.arange(b, device=images.device).view(b, 1, 1)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # [B,H,W,C] -> [B,C,H,W]
+
+
+def split_indices(n, validation_fraction, split_seed):
+    """Disjoint (train, validation) index tensors; the split depends only on n, fraction and split_seed."""
+    if not 0 < validation_fraction < 1:
+        raise utils.UserError(f"validation_fraction must lie between 0 and 1, got {validation_fraction}")
+    n_val = min(n - 1, max(1, round(n * validation_fraction)))
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return permutation[n_val:].sort().values, permutation[:n_val].sort().values
+
+
+def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10", device=None,
+                 augment=False, mean=mean, std=std, seed=0, split_seed=0, eval_batch_size=256):
+    """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments."""
+    device = torch.device(device) if device is not None else utils.get_device()
+    train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir)
+    train_index, val_index = split_indices(len(train_labels), validation_fraction, split_seed)
+
+    def on_device(images, labels, index=None):
+        if index is not None:
+            images, labels = images[index], labels[index]
+        return images.to(device), labels.to(device)
+
+    eval_batch_size = max(batch_size, eval_batch_size)  # evaluation needs no gradients: bigger is faster
+    common = dict(mean=mean, std=std, classes=classes)
+    return (
+        DeviceLoader(*on_device(train_images, train_labels, train_index), batch_size,
+                     shuffle=True, augment=augment, seed=seed, **common),
+        DeviceLoader(*on_device(train_images, train_labels, val_index), eval_batch_size, **common),
+        DeviceLoader(*on_device(test_images, test_labels), eval_batch_size, **common),
+    )

@@ -1,0 +1,90 @@
+"""Tiny CIFAR-shaped datasets written in the real file layouts, so the real loading code runs."""
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts live in the repo root
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_images(per_class, seed):
+    """Learnable images sorted by class: uint8 [N,32,32,3] (a colour and stripe pattern per class, plus noise), labels [N]."""
+    palette = np.random.default_rng(0).integers(40, 216, size=(len(CLASSES), 3))  # the same in every split
+    rng = np.random.default_rng(seed)
+    rows = np.arange(32)[:, None]
+    images, labels = [], []
+    for label in range(len(CLASSES)):
+        stripes = 40 * np.sin(rows * (label + 1) * np.pi / 16)  # [32,1], a different frequency per class
+        for _ in range(per_class):
+            noise = rng.normal(0, 20, size=(32, 32, 3))
+            images.append(np.clip(palette[label] + stripes[..., None] + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def write_pickled_batches(root, train, test):
+    """torchvision's layout: root/cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def dump(name, obj):
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f)
+
+    def batch(images, labels):  # the original stores rows of 3072 bytes: R plane, G plane, B plane
+        return {"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1), "labels": labels.tolist()}
+
+    parts = np.array_split(np.arange(len(train[0])), 5)
+    for i, part in enumerate(parts, start=1):
+        dump(f"data_batch_{i}", batch(train[0][part], train[1][part]))
+    dump("test_batch", batch(*test))
+    dump("batches.meta", {"label_names": CLASSES})
+
+
+def write_image_folder(root, train, test):
+    """Image-folder layout: root/{train,test}/<class>/NNNN.png (PNG: lossless, so pixels are exact)."""
+    for split, (images, labels) in (("train", train), ("test", test)):
+        counts = {}
+        for image, label in zip(images, labels):
+            folder = Path(root) / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            index = counts[label] = counts.get(label, -1) + 1
+            Image.fromarray(image).save(folder / f"{index:04d}.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays():
+    """(train images, labels), (test images, labels): 40 and 10 images per class."""
+    return make_images(40, seed=1), make_images(10, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pickled_dir(tmp_path_factory, tiny_arrays):
+    root = tmp_path_factory.mktemp("pickled")
+    write_pickled_batches(root, *tiny_arrays)
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_dir(tmp_path_factory, tiny_arrays):
+    root = tmp_path_factory.mktemp("folders")
+    write_image_folder(root, *tiny_arrays)
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Every download fails at once, as on a machine without internet."""
+    import urllib.error
+
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)

@@ -1,0 +1,188 @@
+"""compute_loss_and_accuracy, early stopping, checkpoints and the Trainer's bookkeeping."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import trainer as trainer_module
+import utils
+from dataloaders import DeviceLoader
+from trainer import Trainer, compute_loss_and_accuracy
+
+
+def make_loaders(n_train=48, n_val=20, n_test=10, batch_size=16, seed=0):
+    """Random uint8 images in DeviceLoaders (train shuffles), 4 classes."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def loader(n, **kwargs):
+        images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 4, (n,), generator=generator)
+        return DeviceLoader(images, labels, batch_size, mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs)
+
+    return loader(n_train, shuffle=True), loader(n_val), loader(n_test)
+
+
+def small_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+
+
+def make_trainer(tmp_path, epochs=3, early_stop_count=4, loaders=None, **kwargs):
+    torch.manual_seed(0)
+    return Trainer(16, 0.05, early_stop_count, epochs, small_model(), loaders or make_loaders(),
+                   device=torch.device("cpu"), checkpoint_dir=tmp_path / "checkpoints",
+                   results_dir=tmp_path / "results", name="test", **kwargs)
+
+
+def test_compute_loss_and_accuracy_by_hand_with_an_uneven_last_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    batches = [(logits[:4], labels[:4]), (logits[4:8], labels[4:8]), (logits[8:], labels[8:])]  # 4, 4, 2
+    log_probs = logits.log_softmax(dim=1)
+    expected_loss = -sum(log_probs[i, labels[i]].item() for i in range(10)) / 10
+    expected_accuracy = sum(int(logits[i].argmax() == labels[i]) for i in range(10)) / 10
+    model = nn.Identity()
+    model.register_parameter("anchor", nn.Parameter(torch.zeros(1)))  # gives the model a device
+    loss, accuracy = compute_loss_and_accuracy(batches, model, nn.CrossEntropyLoss())
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert accuracy == expected_accuracy
+    # The mean of per-batch means would weigh the last two images double: make sure it differs.
+    assert abs(sum(nn.functional.cross_entropy(x, y).item() for x, y in batches) / 3 - expected_loss) > 1e-3
+    assert isinstance(loss, float) and isinstance(accuracy, float)
+
+
+def test_compute_loss_and_accuracy_restores_the_training_mode():
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 8 * 8, 4))
+    model.train()
+    compute_loss_and_accuracy(make_loaders()[1], model, nn.CrossEntropyLoss())
+    assert model.training
+
+
+@pytest.mark.parametrize("losses, count, expected", [
+    ([1.0, 0.9, 0.8], 4, False),                 # too few validations
+    ([1.0, 0.9, 0.8, 0.7], 4, False),            # still improving
+    ([1.0, 0.9, 0.95, 0.92, 0.91], 4, True),     # 0.9 then three without improvement
+    ([1.0, 0.9, 0.95, 0.92, 0.89], 4, False),    # improved at the last moment
+    ([0.5, 0.6], 2, True),
+    ([0.5, 0.5, 0.5, 0.5], 4, True),             # a tie is no improvement
+    ([1.0, 0.9, math.nan, math.nan, math.nan], 4, True),  # diverged: NaN is never lower
+    ([math.nan] * 4, 4, True),
+])
+def test_early_stopping_rule(tmp_path, losses, count, expected):
+    trainer = make_trainer(tmp_path, early_stop_count=count)
+    trainer.validation_history["loss"] = {step: loss for step, loss in enumerate(losses)}
+    assert trainer.should_early_stop() is expected
+
+
+def scripted_validation(monkeypatch, losses, snapshots):
+    """Make validations return `losses` in turn (then real ones), remembering the weights at each."""
+    script = iter(losses)
+
+    def fake(dataloader, model, loss_criterion):
+        scripted = next(script, None) if getattr(dataloader, "_is_validation", False) else None
+        if scripted is None:
+            return real(dataloader, model, loss_criterion)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return scripted, 0.5
+
+    real = trainer_module.compute_loss_and_accuracy
+    monkeypatch.setattr(trainer_module, "compute_loss_and_accuracy", fake)
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss_and_round_trips(tmp_path, monkeypatch):
+    loaders = make_loaders()
+    loaders[1]._is_validation = True
+    snapshots = []
+    scripted_validation(monkeypatch, [2.0, 1.5, 0.7, 1.2, math.nan, 0.9], snapshots)
+    trainer = make_trainer(tmp_path, loaders=loaders, epochs=3, early_stop_count=10)
+    trainer.train()
+    steps = list(trainer.validation_history["loss"])
+    assert len(steps) == 6 and trainer.best_step == steps[2]
+    best = utils.load_checkpoint(tmp_path / "checkpoints/test/best.ckpt")
+    assert best["global_step"] == steps[2] and best["best_val_loss"] == 0.7
+    for key, value in snapshots[2].items():
+        assert torch.equal(best["model"][key], value)
+        assert torch.equal(trainer.model.state_dict()[key], value)  # train() ends on the best weights
+    last = utils.load_checkpoint(tmp_path / "checkpoints/test/last.ckpt")
+    assert last["global_step"] == steps[-1] and set(last) >= {"model", "optimizer", "settings"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints/test").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+    # A fresh model gets the best weights back.
+    other = make_trainer(tmp_path, loaders=loaders)
+    torch.nn.init.zeros_(other.model[1].weight)
+    other.load_best_model()
+    assert torch.equal(other.model[1].weight, snapshots[2]["1.weight"])
+
+
+def test_no_finite_validation_loss_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    loaders = make_loaders()
+    loaders[1]._is_validation = True
+    scripted_validation(monkeypatch, [math.nan] * 6, [])
+    trainer = make_trainer(tmp_path, loaders=loaders, epochs=3)
+    with pytest.raises(utils.UserError, match="diverged"):
+        trainer.train()
+    assert not (tmp_path / "checkpoints/test/best.ckpt").exists()
+
+
+def test_missing_best_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(utils.UserError, match="no checkpoint"):
+        make_trainer(tmp_path).load_best_model()
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "best.ckpt"
+    utils.save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(utils.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]  # no temporary file left behind
+
+
+def test_train_records_floats_validates_twice_per_epoch_and_writes_results(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2, settings={"note": "x"})
+    final = trainer.train()
+    assert trainer.steps_per_epoch == 3
+    assert list(trainer.train_history["loss"]) == [1, 2, 3, 4, 5, 6]
+    assert list(trainer.validation_history["loss"]) == [2, 3, 5, 6]
+    for history in (trainer.train_history, trainer.validation_history):
+        assert all(type(v) is float for values in history.values() for v in values.values())
+    results = json.loads((tmp_path / "results/test.json").read_text())
+    assert results["final"] == final
+    assert set(final) == {f"{s}_{m}" for s in ("train", "val", "test") for m in ("loss", "accuracy")}
+    assert all(0 <= final[f"{s}_accuracy"] <= 1 for s in ("train", "val", "test"))
+    assert results["settings"]["note"] == "x" and results["settings"]["learning_rate"] == 0.05
+    assert results["optimizer"]["name"] == "SGD" and results["device"].startswith("cpu")
+    assert results["wall_time_s"] >= results["train_time_s"] > 0
+    assert results["validation_history"]["loss"]["6"] == trainer.validation_history["loss"][6]
+    # The final train figures cover all 48 training images, not the 3 x 16 the epoch used: same here,
+    # so check against a direct evaluation of the unshuffled set.
+    direct = compute_loss_and_accuracy(trainer.dataloader_train.evaluation_view(64), trainer.model,
+                                       nn.CrossEntropyLoss())
+    assert final["train_loss"] == pytest.approx(direct[0]) and final["train_accuracy"] == direct[1]
+
+
+def test_a_single_batch_per_epoch_works(tmp_path):
+    loaders = make_loaders(n_train=10, batch_size=16)
+    trainer = make_trainer(tmp_path, loaders=loaders, epochs=3)
+    trainer.train()
+    assert trainer.steps_per_epoch == 1
+    assert list(trainer.validation_history["loss"]) == [1, 2, 3]
+
+
+def test_early_stop_ends_training(tmp_path, monkeypatch):
+    loaders = make_loaders()
+    loaders[1]._is_validation = True
+    scripted_validation(monkeypatch, [1.0, 0.5, 0.6, 0.7, 0.8, 0.4, 0.3], [])
+    trainer = make_trainer(tmp_path, loaders=loaders, epochs=10, early_stop_count=4)
+    trainer.train()
+    assert len(trainer.validation_history["loss"]) == 5 and trainer.best_step == 3
+    assert json.loads((tmp_path / "results/test.json").read_text())["stopped_early"] is True

@@ -1,0 +1,217 @@
+"""A small model-agnostic Trainer: training loop, validation, early stopping, checkpoints, results."""
+import json
+import math
+import pathlib
+import sys
+import time
+
+import torch
+import tqdm
+from torch import nn
+
+import utils
+
+
+def compute_loss_and_accuracy(dataloader, model, loss_criterion):
+    """Average loss per image and accuracy (a fraction) of `model` over every batch of `dataloader`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    with torch.no_grad():
+        for images, labels in dataloader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = model(images)
+            # The criterion averages over its batch; weigh each batch by its size so that a
+            # smaller last batch counts for no more than its images.
+            total_loss += loss_criterion(logits, labels) * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            count += len(labels)
+    model.train(was_training)
+    return total_loss.item() / count, correct.item() / count  # the only CPU-GPU syncs
+
+
+def progress_bars_wanted():
+    """Progress bars in a terminal or a notebook; not in log files, where they would fill the log."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class Trainer:
+    """Trains `model` on (train, validation, test) loaders; keeps the best weights by validation loss."""
+
+    def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
+                 optimizer=None, loss_criterion=None, device=None, validations_per_epoch=2,
+                 name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.early_stop_count = early_stop_count
+        self.epochs = epochs
+        self.device = device if device is not None else utils.get_device()
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=learning_rate)
+        self.loss_criterion = loss_criterion or nn.CrossEntropyLoss()
+        self.dataloader_train, self.dataloader_val, self.dataloader_test = dataloaders
+        self.steps_per_epoch = len(self.dataloader_train)
+        # Validate at evenly spaced steps of every epoch, the last at the epoch's end.
+        self.validate_after = {math.ceil(k * self.steps_per_epoch / validations_per_epoch)
+                               for k in range(1, validations_per_epoch + 1)}
+        self.name = name
+        self.checkpoint_dir = pathlib.Path(checkpoint_dir) / name
+        self.results_path = pathlib.Path(results_dir) / f"{name}.json"
+        self.settings = dict(settings or {}, batch_size=batch_size, learning_rate=learning_rate,
+                             early_stop_count=early_stop_count, epochs=epochs,
+                             validations_per_epoch=validations_per_epoch)
+
+        self.global_step = 0  # optimisation steps taken; histories are keyed by it
+        self.epoch = 0
+        self.train_history = dict(loss={}, accuracy={})  # per step, on the training batch
+        self.validation_history = dict(loss={}, accuracy={})  # per validation, on the whole set
+        self.best_val_loss = math.inf
+        self.best_step = None
+        self.start_time = time.perf_counter()
+        self.final = None  # {train,val,test}_{loss,accuracy} of the best model, after train()
+
+    def train_step(self, images, labels):
+        """One optimisation step on a batch -> (loss, accuracy) as device tensors, without a sync."""
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        logits = self.model(images)
+        loss = self.loss_criterion(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return loss.detach(), accuracy.detach()
+
+    def validation_step(self):
+        """Evaluate on the whole validation set, record it, checkpoint, and print one line."""
+        loss, accuracy = compute_loss_and_accuracy(self.dataloader_val, self.model, self.loss_criterion)
+        self.validation_history["loss"][self.global_step] = loss
+        self.validation_history["accuracy"][self.global_step] = accuracy
+        improved = math.isfinite(loss) and loss < self.best_val_loss  # NaN is never "best"
+        if improved:
+            self.best_val_loss, self.best_step = loss, self.global_step
+            self.save_model("best.ckpt")
+        self.save_model("last.ckpt")
+        previous = list(self.validation_history["loss"])[-2] if len(self.validation_history["loss"]) > 1 else 0
+        train_loss = list(self.train_history["loss"].values())[previous - self.global_step:]
+        tqdm.tqdm.write(
+            f"epoch {self.global_step / self.steps_per_epoch:5.2f} | step {self.global_step:6d} | "
+            f"train loss {sum(train_loss) / len(train_loss):.3f} | val loss {loss:.3f} | "
+            f"val acc {accuracy:.3f}{' *' if improved else ''} | {time.perf_counter() - self.start_time:6.1f} s")
+
+    def should_early_stop(self):
+        """The starter's rule: stop when the oldest of the last `early_stop_count` validation losses is the lowest."""
+        losses = list(self.validation_history["loss"].values())
+        if len(losses) < self.early_stop_count:
+            return False
+        recent = [loss if math.isfinite(loss) else math.inf for loss in losses[-self.early_stop_count:]]
+        return recent[0] == min(recent)
+
+    def train(self):
+        """Train until `epochs` or an early stop; then evaluate the best model on every split and save results."""
+        self.start_time = time.perf_counter()
+        self.model.train()
+        stopped_early = False
+        for self.epoch in range(self.epochs):
+            pending = []  # (step, loss, accuracy) on the device until the next validation
+            progress = tqdm.tqdm(total=self.steps_per_epoch, unit="batch", leave=False,
+                                 desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                                 disable=not progress_bars_wanted())
+            for step_in_epoch, (images, labels) in enumerate(self.dataloader_train, start=1):
+                loss, accuracy = self.train_step(images, labels)
+                self.global_step += 1
+                pending.append((self.global_step, loss, accuracy))
+                progress.update()
+                if step_in_epoch % 25 == 0:  # a sync for the bar now and then, not every step
+                    rate = progress.format_dict["rate"] or 0
+                    progress.set_postfix_str(f"loss {loss.item():.3f}, {rate * self.batch_size:,.0f} img/s")
+                if step_in_epoch in self.validate_after:
+                    self.record_train_history(pending)
+                    pending = []
+                    self.validation_step()
+                    if self.should_early_stop():
+                        stopped_early = True
+                        break
+            progress.close()
+            if stopped_early:
+                tqdm.tqdm.write(f"early stop: no lower validation loss in the last "
+                                f"{self.early_stop_count - 1} validations")
+                break
+        self.train_time = time.perf_counter() - self.start_time
+
+        self.load_best_model()
+        self.final = self.evaluate()
+        self.print_final()
+        self.save_results(stopped_early)
+        return self.final
+
+    def record_train_history(self, pending):
+        """Move the pending per-step device tensors into the history as floats, with one sync."""
+        if not pending:
+            return
+        steps, losses, accuracies = zip(*pending)
+        for step, loss, accuracy in zip(steps, torch.stack(losses).tolist(), torch.stack(accuracies).tolist()):
+            self.train_history["loss"][step] = loss
+            self.train_history["accuracy"][step] = accuracy
+
+    def evaluate(self):
+        """Loss and accuracy of the model over the whole train (unaugmented), validation and test sets."""
+        results = {}
+        splits = dict(train=self.dataloader_train.evaluation_view(self.dataloader_val.batch_size),
+                      val=self.dataloader_val, test=self.dataloader_test)
+        for split, loader in splits.items():
+            loss, accuracy = compute_loss_and_accuracy(loader, self.model, self.loss_criterion)
+            results[f"{split}_loss"], results[f"{split}_accuracy"] = loss, accuracy
+        return results
+
+    def print_final(self):
+        """The table of Task 2b: loss and accuracy of the best model on each split."""
+        print(f"\nbest model: step {self.best_step} (epoch {self.best_step / self.steps_per_epoch:.2f})")
+        print(f"{'':12}{'loss':>8}{'accuracy':>10}")
+        for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
+            print(f"{label:12}{self.final[split + '_loss']:8.3f}{self.final[split + '_accuracy']:10.3f}")
+
+    def save_model(self, filename):
+        """Checkpoint the model, optimizer, step, best validation loss and settings in one dict."""
+        utils.save_checkpoint(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                   global_step=self.global_step, epoch=self.epoch,
+                                   best_val_loss=self.best_val_loss, settings=self.settings),
+                              self.checkpoint_dir / filename)
+
+    def load_best_model(self):
+        """Load the weights with the lowest validation loss from best.ckpt into the model."""
+        if self.global_step > 0 and self.best_step is None:
+            raise utils.UserError("no validation loss was finite, so there is no best model: "
+                                  "training diverged; try a lower --lr")
+        checkpoint = utils.load_checkpoint(self.checkpoint_dir / "best.ckpt", self.device)
+        self.model.load_state_dict(checkpoint["model"])
+
+    def save_results(self, stopped_early):
+        """Write results/<name>.json: final figures, histories, settings, device and wall time."""
+        def history(h):
+            return {key: {str(step): value for step, value in values.items()} for key, values in h.items()}
+
+        results = dict(
+            name=self.name,
+            final=self.final,
+            best_step=self.best_step,
+            steps=self.global_step,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs_run=self.global_step / self.steps_per_epoch,
+            stopped_early=stopped_early,
+            settings=self.settings,
+            model=type(self.model).__name__,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            optimizer=dict(name=type(self.optimizer).__name__, **self.optimizer.defaults),
+            loss=type(self.loss_criterion).__name__,
+            device=utils.describe_device(self.device),
+            torch_version=torch.__version__,
+            train_time_s=self.train_time,
+            wall_time_s=time.perf_counter() - self.start_time,
+            train_history=history(self.train_history),
+            validation_history=history(self.validation_history),
+        )
+        utils.save_json(results, self.results_path)
+        print(f"saved {self.results_path}")

@@ -1,0 +1,217 @@
+"""Shared helpers: command line, seeding, device choice, checkpoints and plots."""
+import argparse
+import json
+import math
+import os
+import pathlib
+import random
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message says how. Scripts print it on one line and exit 1."""
+
+
+def run_cli(main):
+    """Call `main(sys.argv[1:])`; a UserError becomes a one-line message and exit code 1."""
+    try:
+        main(sys.argv[1:])
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoints saved so far are kept", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- command line
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default and keeps the script's docstring as written."""
+
+
+def common_parser(prog, description, *, epochs, batch_size, learning_rate, early_stop_count):
+    """The flags every task script shares, with that script's defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--data-dir", default="data/cifar10",
+                        help="CIFAR-10 folder: torchvision's cifar-10-batches-py/ or train/<class>/ + "
+                             "test/<class>/ image folders; downloaded here if absent")
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help="maximum number of epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
+    parser.add_argument("--lr", type=positive_float, default=learning_rate, help="learning rate")
+    parser.add_argument("--early-stop-count", type=positive_int, default=early_stop_count,
+                        help="stop when the oldest of this many recent validation losses is the lowest")
+    parser.add_argument("--validations-per-epoch", type=positive_int, default=2,
+                        help="how often per epoch the validation set is evaluated")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the train/validation split (kept apart from --seed on purpose)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic cuDNN kernels (slower); default lets cuDNN pick the fastest")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:N, mps or cpu; default: CUDA, then Apple MPS, then CPU")
+    parser.add_argument("--show", action="store_true", help="also show the plots in a window")
+    return parser
+
+
+# ---------------------------------------------------------------- seeding and devices
+
+def set_seed(seed, deterministic=False):
+    """Seed Python, NumPy and torch; choose deterministic or fastest cuDNN kernels, not both."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device, CUDA and MPS included
+    # benchmark=True autotunes conv algorithms per input shape, which may pick a different,
+    # non-deterministic kernel from run to run; the two settings contradict each other.
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def get_device(name=None):
+    """The torch.device to train on: `name` if given, else CUDA, then Apple MPS, then CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible to torch here; "
+                        "leave out --device to use what there is")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple MPS is not available here; leave out --device")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device {name}: use cuda, cuda:N, mps or cpu")
+    return device
+
+
+def describe_device(device):
+    """'cuda (NVIDIA H100 80GB HBM3)', 'mps' or 'cpu (2 threads)': what a results file should name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+# ---------------------------------------------------------------- checkpoints and results
+
+def save_checkpoint(checkpoint, path):
+    """Write a checkpoint dict atomically: a kill mid-write leaves the old file intact."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_json(data, path):
+    """Write `data` as indented JSON, atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint dict onto `device`; only tensors and plain values are unpickled."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at '{path}': train the model first")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+# ---------------------------------------------------------------- plots
+
+def smooth(values, weight=0.9):
+    """Exponential moving average, debiased at the start (as TensorBoard draws it)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def plot_history(ax, history, label, smoothing=0.0, **style):
+    """Draw one {step: value} history on `ax`; with smoothing, the raw curve stays as a faint shadow."""
+    steps, values = list(history.keys()), list(history.values())
+    if smoothing > 0:
+        line, = ax.plot(steps, values, alpha=0.2, linewidth=1, **style)
+        ax.plot(steps, smooth(values, smoothing), label=f"{label} (smoothed)", color=line.get_color())
+    else:
+        ax.plot(steps, values, label=label, marker="o", markersize=3, **style)
+
+
+def add_epoch_axis(ax, steps_per_epoch):
+    """A second x axis on top of a steps axis, in epochs."""
+    epochs = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch,
+                                                  lambda e: e * steps_per_epoch))
+    epochs.set_xlabel("epoch")
+
+
+def new_figure(ncols=1):
+    """A figure sized for a report page, with `ncols` axes side by side."""
+    return plt.subplots(1, ncols, figsize=(7 * ncols, 5), squeeze=False)
+
+
+def save_figure(fig, path, show=False):
+    """Save `fig` as a PNG (creating its folder); show it only when asked, so headless runs never block."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    print(f"saved {path}")
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
+def plot_training(train_history, validation_history, steps_per_epoch, path, show=False):
+    """Loss panel (train smoothed + validation) and validation-accuracy panel, over steps; saved to `path`."""
+    fig, axes = new_figure(ncols=2)
+    loss_ax, accuracy_ax = axes[0]
+    plot_history(loss_ax, train_history["loss"], "train (batches)", smoothing=0.95)
+    plot_history(loss_ax, validation_history["loss"], "validation (whole set)")
+    loss_ax.set_ylabel("cross-entropy loss")
+    plot_history(accuracy_ax, validation_history["accuracy"], "validation (whole set)", color="tab:orange")
+    accuracy_ax.set_ylabel("accuracy")
+    for ax in (loss_ax, accuracy_ax):
+        ax.set_xlabel("training step (batches)")
+        add_epoch_axis(ax, steps_per_epoch)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path, show)
