@@ -8,12 +8,12 @@ import hashlib
 import os
 import pathlib
 import pickle
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import utils
@@ -128,21 +128,6 @@ def read_image_folder(root):
     return train_images, train_labels, test_images, test_labels, classes
 
 
-def download(root):
-    """Fetch CIFAR-10 with torchvision into root/cifar-10-batches-py -> None, or why it failed."""
-    import torchvision
-
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)  # a network that drops packets fails in a minute instead of hanging
-    try:
-        torchvision.datasets.CIFAR10(root=root, train=True, download=True)
-        return None
-    except Exception as error:  # noqa: BLE001  (any failure means: tell the user what to do)
-        return f"{type(error).__name__}: {error}"
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-
-
 def read_cifar10(data_dir):
     """Find CIFAR-10 in either layout under data_dir (downloading if absent) -> as read_pickled_batches."""
     root = pathlib.Path(data_dir)
@@ -151,7 +136,7 @@ def read_cifar10(data_dir):
             return read_pickled_batches(batches)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return read_image_folder(root)
-    failure = download(root)
+    _, failure = utils.try_download(torchvision.datasets.CIFAR10, root=root, train=True, download=True)
     if failure is None:
         return read_pickled_batches(root / "cifar-10-batches-py")
     raise DatasetNotFoundError(
@@ -172,13 +157,14 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, *, mean, std, shuffle=False, augment=False,
-                 crop_padding=4, seed=0, classes=None):
+                 crop_padding=4, image_size=None, seed=0, classes=None):
         self.images = images  # uint8 [N,3,H,W] on the training device
         self.labels = labels  # int64 [N]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
         self.crop_padding = crop_padding
+        self.image_size = image_size  # None keeps 32x32; else square side after a bilinear resize
         self.classes = classes  # class names, label order
         self.mean, self.std = tuple(mean), tuple(std)  # per channel, in units of pixel / 255
         self._mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
@@ -216,16 +202,20 @@ class DeviceLoader:
             if self.augment:
                 images = random_crop(images, shifts[index], self.crop_padding)
                 images = torch.where(flips[index].view(-1, 1, 1, 1), images.flip(3), images)
-            yield self.normalize(images), self.labels[index]
+            yield self.to_model_input(images), self.labels[index]
 
     def evaluation_view(self, batch_size):
         """The same images in order, unaugmented, every one exactly once: for evaluating on this set."""
         return DeviceLoader(self.images, self.labels, batch_size, mean=self.mean, std=self.std,
-                            classes=self.classes)
+                            image_size=self.image_size, classes=self.classes)
 
-    def normalize(self, images):
-        """uint8 [B,3,H,W] -> float [B,3,H,W]; the same arithmetic as ToTensor() + Normalize()."""
-        return (images.float().div(255) - self._mean) / self._std
+    def to_model_input(self, images):
+        """uint8 [B,3,H,W] -> float [B,3,S,S]: ToTensor() + Normalize() arithmetic, then the resize if any."""
+        images = (images.float().div(255) - self._mean) / self._std
+        if self.image_size is not None:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False, antialias=self.image_size < images.shape[-1])
+        return images
 
 
 def random_crop(images, shifts, padding):
@@ -248,7 +238,8 @@ def split_indices(n, validation_fraction, split_seed):
 
 
 def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10", device=None,
-                 augment=False, mean=mean, std=std, seed=0, split_seed=0, eval_batch_size=256):
+                 augment=False, mean=mean, std=std, image_size=None, seed=0, split_seed=0,
+                 eval_batch_size=256):
     """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments."""
     device = torch.device(device) if device is not None else utils.get_device()
     train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir)
@@ -260,7 +251,7 @@ def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10"
         return images.to(device), labels.to(device)
 
     eval_batch_size = max(batch_size, eval_batch_size)  # evaluation needs no gradients: bigger is faster
-    common = dict(mean=mean, std=std, classes=classes)
+    common = dict(mean=mean, std=std, image_size=image_size, classes=classes)
     return (
         DeviceLoader(*on_device(train_images, train_labels, train_index), batch_size,
                      shuffle=True, augment=augment, seed=seed, **common),

@@ -10,6 +10,7 @@ from torch import nn
 import dataloaders
 import utils
 from trainer import Trainer
+from utils import create_plots
 
 
 class ExampleModel(nn.Module):
@@ -40,12 +41,6 @@ class ExampleModel(nn.Module):
         return self.classifier(self.feature_extractor(x))
 
 
-def create_plots(trainer, name, show=False):
-    """plots/<name>_plot.png: train and validation loss, and validation accuracy, over training steps."""
-    utils.plot_training(trainer.train_history, trainer.validation_history, trainer.steps_per_epoch,
-                        f"plots/{name}_plot.png", show)
-
-
 def main(argv=()):
     """Train, evaluate and plot; `argv` as on the command line (the defaults when called with none)."""
     parser = utils.common_parser("task2.py", __doc__, epochs=10, batch_size=64, learning_rate=5e-2,
@@ -56,8 +51,8 @@ def main(argv=()):
     loaders = dataloaders.load_cifar10(args.batch_size, data_dir=args.data_dir, device=device,
                                        seed=args.seed, split_seed=args.split_seed)
     model = ExampleModel(image_channels=3, num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-    trainer = Trainer(args.batch_size, args.lr, args.early_stop_count, args.epochs, model, loaders,
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
+    trainer = Trainer(args.batch_size, args.learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, device=device, validations_per_epoch=args.validations_per_epoch,
                       name="task2", settings=vars(args))
     trainer.train()

@@ -124,7 +124,7 @@ class Trainer:
                 self.global_step += 1
                 pending.append((self.global_step, loss, accuracy))
                 progress.update()
-                if step_in_epoch % 25 == 0:  # a sync for the bar now and then, not every step
+                if step_in_epoch % 25 == 0 and not progress.disable:  # a sync now and then, not every step
                     rate = progress.format_dict["rate"] or 0
                     progress.set_postfix_str(f"loss {loss.item():.3f}, {rate * self.batch_size:,.0f} img/s")
                 if step_in_epoch in self.validate_after:

@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import random
+import socket
 import sys
 
 import matplotlib.pyplot as plt
@@ -18,6 +19,7 @@ class UserError(Exception):
 
 def run_cli(main):
     """Call `main(sys.argv[1:])`; a UserError becomes a one-line message and exit code 1."""
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (a cluster job's) line by line
     try:
         main(sys.argv[1:])
     except UserError as error:
@@ -57,7 +59,8 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
                              "test/<class>/ image folders; downloaded here if absent")
     parser.add_argument("--epochs", type=positive_int, default=epochs, help="maximum number of epochs")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
-    parser.add_argument("--lr", type=positive_float, default=learning_rate, help="learning rate")
+    parser.add_argument("--lr", dest="learning_rate", type=positive_float, default=learning_rate,
+                        help="learning rate")
     parser.add_argument("--early-stop-count", type=positive_int, default=early_stop_count,
                         help="stop when the oldest of this many recent validation losses is the lowest")
     parser.add_argument("--validations-per-epoch", type=positive_int, default=2,
@@ -118,6 +121,18 @@ def describe_device(device):
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
+
+
+def try_download(fetch, *args, timeout_s=60, **kwargs):
+    """fetch(*args, **kwargs) -> (its result, None), or (None, why it failed); a silent network fails in timeout_s."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)
+    try:
+        return fetch(*args, **kwargs), None
+    except Exception as error:  # noqa: BLE001  (any failure means: tell the user what to do instead)
+        return None, f"{type(error).__name__}: {error}"
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 # ---------------------------------------------------------------- checkpoints and results
@@ -185,14 +200,13 @@ def add_epoch_axis(ax, steps_per_epoch):
 
 def new_figure(ncols=1):
     """A figure sized for a report page, with `ncols` axes side by side."""
-    return plt.subplots(1, ncols, figsize=(7 * ncols, 5), squeeze=False)
+    return plt.subplots(1, ncols, figsize=(7 * ncols, 5), squeeze=False, layout="constrained")
 
 
 def save_figure(fig, path, show=False):
     """Save `fig` as a PNG (creating its folder); show it only when asked, so headless runs never block."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=150)
     print(f"saved {path}")
     if show:
@@ -200,18 +214,73 @@ def save_figure(fig, path, show=False):
     plt.close(fig)
 
 
-def plot_training(train_history, validation_history, steps_per_epoch, path, show=False):
+def plot_training(train_history, validation_history, steps_per_epoch, path, best_step=None, show=False):
     """Loss panel (train smoothed + validation) and validation-accuracy panel, over steps; saved to `path`."""
     fig, axes = new_figure(ncols=2)
     loss_ax, accuracy_ax = axes[0]
-    plot_history(loss_ax, train_history["loss"], "train (batches)", smoothing=0.95)
+    plot_history(loss_ax, train_history["loss"], "train batches", smoothing=0.95)
     plot_history(loss_ax, validation_history["loss"], "validation (whole set)")
     loss_ax.set_ylabel("cross-entropy loss")
     plot_history(accuracy_ax, validation_history["accuracy"], "validation (whole set)", color="tab:orange")
     accuracy_ax.set_ylabel("accuracy")
     for ax in (loss_ax, accuracy_ax):
+        if best_step is not None:
+            ax.axvline(best_step, color="gray", linestyle="--", linewidth=1, label="best model (kept)")
         ax.set_xlabel("training step (batches)")
         add_epoch_axis(ax, steps_per_epoch)
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path, show)
+
+
+def create_plots(trainer, name, show=False):
+    """plots/<name>_plot.png: train and validation loss, and validation accuracy, over training steps."""
+    plot_training(trainer.train_history, trainer.validation_history, trainer.steps_per_epoch,
+                  f"plots/{name}_plot.png", trainer.best_step, show)
+
+
+# ---------------------------------------------------------------- model summaries
+
+def layer_rows(model, input_shape=(1, 3, 32, 32)):
+    """One row per layer in forward order: (type, filters or units, kernel/stride/padding, output shape, parameters)."""
+    rows = []
+
+    def describe(module, inputs, output):
+        size = "–"
+        if isinstance(module, torch.nn.Conv2d):
+            size = str(module.out_channels)
+        elif isinstance(module, torch.nn.Linear):
+            size = str(module.out_features)
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            size = str(module.num_features)
+        geometry = "–"
+        if hasattr(module, "kernel_size"):
+            k, s, p = (getattr(module, name) for name in ("kernel_size", "stride", "padding"))
+            k, s, p = (v if isinstance(v, int) else v[0] for v in (k, s, p))
+            geometry = f"{k}x{k} / {s} / {p}"
+        rows.append((type(module).__name__, size, geometry, "x".join(map(str, output.shape[1:])),
+                     sum(p.numel() for p in module.parameters(recurse=False))))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(describe) for m in leaves]
+    was_training = model.training
+    model.eval()  # no batch-norm statistics change for a summary
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return rows
+
+
+def layer_table(model, input_shape=(1, 3, 32, 32)):
+    """The model's layers as a Markdown table, as a report describes a network, with the parameter total."""
+    lines = ["| # | layer | filters / units | kernel / stride / padding | output (C x H x W) | parameters |",
+             "|---:|---|---:|---|---|---:|"]
+    rows = layer_rows(model, input_shape)
+    for i, (kind, size, geometry, shape, params) in enumerate(rows, start=1):
+        lines.append(f"| {i} | {kind} | {size} | {geometry} | {shape} | {params:,} |")
+    lines.append(f"| | **total** | | | | **{sum(row[4] for row in rows):,}** |")
+    return "\n".join(lines)
