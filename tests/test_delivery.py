@@ -1,0 +1,115 @@
+"""task1.py's answers, report.py and create_submission_zip.py."""
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import create_submission_zip
+import report
+import task1
+import utils
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def reference_convolution(image, kernel, mode):
+    """Independent of task1: flip the kernel once, then slide it (correlation) over the padded image."""
+    flipped = kernel[::-1, ::-1]
+    padded = np.pad(image, 1, mode=mode)
+    return np.array([[np.sum(padded[i:i + 3, j:j + 3] * flipped) for j in range(image.shape[1])]
+                     for i in range(image.shape[0])])
+
+
+def test_task1a_matches_an_independent_convolution():
+    for mode in ("constant", "reflect"):
+        expected = reference_convolution(task1.IMAGE, task1.SOBEL, mode)
+        assert np.array_equal(task1.convolve(task1.IMAGE, task1.SOBEL, mode), expected)
+        assert np.array_equal(task1.convolve_with_torch(task1.IMAGE, task1.SOBEL, mode), expected)
+    zero = task1.convolve(task1.IMAGE, task1.SOBEL, "constant")
+    # By hand at the top-left corner, zeros outside: the flipped kernel's right column (-1, -2, -1)
+    # meets (0, 0, 2) and its left column meets zeros: -1*0 - 2*0 - 1*2 = -2.
+    assert zero[0, 0] == -2 and zero[1, 4] == 18 and zero.shape == (3, 5)
+    assert not np.array_equal(zero, reference_convolution(task1.IMAGE, task1.SOBEL[::-1, ::-1], "constant"))
+
+
+def test_task1_answers_and_their_printout(tmp_path, capsys):
+    results = task1.main(["--output", str(tmp_path / "task1.md")])
+    assert results["1b"][0] == "max pooling"
+    assert results["1c"][0].startswith("2 ") and results["1d"][0] == "9x9"
+    assert results["1e"][0] == "252x252" and results["1f"][0] == "250x250"
+    assert results["1g"][0] == "390,410 parameters"
+    changes = task1.translation_sensitivity()
+    assert changes["max pooling (2x2, stride 2)"] < min(changes["convolution (3x3)"], changes["activation (ReLU)"])
+    out = capsys.readouterr().out
+    zero_rows = [" ".join(f"{v:4d}" for v in row) for row in reference_convolution(task1.IMAGE, task1.SOBEL, "constant")]
+    assert all(row in out for row in zero_rows)
+    markdown = (tmp_path / "task1.md").read_text()
+    assert "### Task 1g" in markdown and "390,410" in markdown and zero_rows[0] in markdown
+
+
+def test_report_from_nothing_names_the_commands(tmp_path):
+    blocks = report.main(["--results-dir", str(tmp_path / "none"), "--plots-dir", str(tmp_path / "none"),
+                          "--output-dir", str(tmp_path / "report")])
+    markdown = (tmp_path / "report/report.md").read_text()
+    for command in ("python task2.py", "python task3.py", "python task4a.py", "python task4b.py"):
+        assert f"run `{command}`" in markdown
+    for question in ("1a", "1g", "2a", "2b", "3a", "3c", "3d", "3e", "3f", "4a", "4b", "4c"):
+        assert f"Task {question}" in markdown
+    assert markdown.count("> **TO WRITE:**") == 6 and "390,410" in markdown
+    assert (tmp_path / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
+    assert any(block[0] == "todo" for block in blocks)
+
+
+def test_report_from_a_tiny_run(tmp_path, monkeypatch, pickled_dir):
+    import task2
+
+    monkeypatch.chdir(tmp_path)
+    task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--batch-size", "32", "--device", "cpu"])
+    report.main([])
+    final = json.loads((tmp_path / "results/task2.json").read_text())["final"]
+    markdown = (tmp_path / "report/report.md").read_text()
+    assert f"| {final['test_accuracy']:.3f} |" in markdown
+    assert "![Task 2a" in markdown and "../plots/task2_plot.png" in markdown
+    assert "No results for Task 2" not in markdown and "No results for Task 4a" in markdown
+    assert (tmp_path / "report/report.pdf").stat().st_size > 50_000  # the plot is embedded
+
+
+def test_zip_holds_the_sources_and_nothing_from_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the zip goes here; the repo's own data/, results/ ... must stay out
+    files = create_submission_zip.main(["--yes"])
+    names = set(zipfile.ZipFile(tmp_path / "assignment_code.zip").namelist())
+    expected = {"dataloaders.py", "trainer.py", "utils.py", "task1.py", "task2.py", "task4a.py", "task4b.py",
+                "report.py", "create_submission_zip.py", "requirements.txt", "README.md", "tests/conftest.py"}
+    assert expected <= names and len(files) == len(names)
+    assert not any(name.split("/")[0] in ("data", "checkpoints", "results", "plots", ".venv", "report")
+                   or name.endswith((".pt", ".ckpt", ".png", ".pyc", ".zip")) for name in names)
+
+
+def test_a_zip_missing_a_module_is_caught(tmp_path):
+    source = tmp_path / "code"
+    source.mkdir()
+    for name in ("utils.py", "task2.py", "trainer.py"):  # task2 also needs dataloaders.py
+        shutil.copy(REPO / name, source / name)
+    files = create_submission_zip.source_files(source)
+    tmp = create_submission_zip.write_zip(source, files, tmp_path / "partial.zip")
+    assert create_submission_zip.check_zip(tmp) == ("dataloaders", "task2")
+    shutil.copy(REPO / "dataloaders.py", source / "dataloaders.py")
+    tmp = create_submission_zip.write_zip(source, create_submission_zip.source_files(source), tmp_path / "full.zip")
+    assert create_submission_zip.check_zip(tmp) is None
+
+
+def test_zip_never_asks_without_a_terminal_and_keeps_nothing_half_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "assignment_code.zip").write_bytes(b"an older zip")
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    monkeypatch.setattr(create_submission_zip, "check_zip", lambda path: ("dataloaders", "task2"))
+    with pytest.raises(utils.UserError, match="lack dataloaders, which task2.py imports"):
+        create_submission_zip.main([])
+    monkeypatch.setattr(create_submission_zip, "check_zip", lambda path: ("fpdf", "report"))
+    with pytest.raises(utils.UserError, match="needs the package 'fpdf', which is not installed"):
+        create_submission_zip.main([])
+    assert (tmp_path / "assignment_code.zip").read_bytes() == b"an older zip"
+    assert [p.name for p in tmp_path.iterdir()] == ["assignment_code.zip"]
