@@ -47,9 +47,14 @@ def read_pickled_batches(folder):
         labels = np.concatenate([b["labels"] for b in batches])
         return torch.from_numpy(images), torch.from_numpy(labels).long()
 
-    train = images_and_labels([read(f"data_batch_{i}") for i in range(1, 6)])
-    test = images_and_labels([read("test_batch")])
-    classes = read("batches.meta")["label_names"]
+    try:
+        train = images_and_labels([read(f"data_batch_{i}") for i in range(1, 6)])
+        test = images_and_labels([read("test_batch")])
+        classes = read("batches.meta")["label_names"]
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as error:
+        raise DatasetNotFoundError(
+            f"'{folder}' holds a missing or broken CIFAR-10 file ({type(error).__name__}: {error}); "
+            f"delete the folder to download it again, or unpack {CIFAR10_URL} there") from None
     return (*train, *test, list(classes))
 
 
@@ -112,7 +117,10 @@ def read_image_folder(root):
     key = fingerprint(files)
     cache = cache_path(root)
     if cache.is_file():
-        cached = torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            cached = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001  (a truncated or foreign file: decode again and replace it)
+            cached = {}
         if cached.get("fingerprint") == key:
             return (cached["train_images"], cached["train_labels"],
                     cached["test_images"], cached["test_labels"], cached["classes"])

@@ -157,3 +157,25 @@ def test_random_crop_matches_a_per_image_crop():
     for i, (dy, dx) in enumerate(shifts.tolist()):
         assert torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])
     assert torch.equal(out[2, :, :4, :4], images[2, :, 4:, 4:])  # the extreme shift keeps a quarter
+
+
+def test_a_broken_cache_is_rebuilt(tmp_path, tiny_arrays):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path, *tiny_arrays)
+    (tmp_path / dataloaders.CACHE_NAME).write_bytes(b"half a cache")
+    images = dataloaders.read_cifar10(tmp_path)[0]
+    assert images.shape == (400, 3, 32, 32)
+    assert torch.load(tmp_path / dataloaders.CACHE_NAME, weights_only=True)["train_images"].shape == (400, 3, 32, 32)
+
+
+def test_broken_batch_files_are_a_clear_error(tmp_path, tiny_arrays):
+    from conftest import write_pickled_batches
+
+    write_pickled_batches(tmp_path, *tiny_arrays)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04 cut off")
+    with pytest.raises(dataloaders.DatasetNotFoundError, match="missing or broken CIFAR-10 file"):
+        dataloaders.read_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(dataloaders.DatasetNotFoundError, match="delete the folder"):
+        dataloaders.read_cifar10(tmp_path)
