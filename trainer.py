@@ -42,7 +42,7 @@ class Trainer:
     """Trains `model` on (train, validation, test) loaders; keeps the best weights by validation loss."""
 
     def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
-                 optimizer=None, loss_criterion=None, device=None, validations_per_epoch=2,
+                 optimizer=None, scheduler=None, loss_criterion=None, device=None, validations_per_epoch=2,
                  name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -51,7 +51,11 @@ class Trainer:
         self.device = device if device is not None else utils.get_device()
         self.model = model.to(self.device)
         self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=learning_rate)
-        self.loss_criterion = loss_criterion or nn.CrossEntropyLoss()
+        self.scheduler = scheduler  # stepped after every optimisation step, not every epoch
+        # Reported losses are plain cross-entropy, comparable across runs whatever trained them
+        # (label smoothing, say, raises the training criterion's floor above zero).
+        self.evaluation_criterion = nn.CrossEntropyLoss()
+        self.loss_criterion = loss_criterion or self.evaluation_criterion  # what is minimised
         self.dataloader_train, self.dataloader_val, self.dataloader_test = dataloaders
         self.steps_per_epoch = len(self.dataloader_train)
         # Validate at evenly spaced steps of every epoch, the last at the epoch's end.
@@ -74,19 +78,24 @@ class Trainer:
         self.final = None  # {train,val,test}_{loss,accuracy} of the best model, after train()
 
     def train_step(self, images, labels):
-        """One optimisation step on a batch -> (loss, accuracy) as device tensors, without a sync."""
+        """One optimisation step on a batch -> (cross-entropy, accuracy) on the batch, device tensors, no sync."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         logits = self.model(images)
         loss = self.loss_criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return loss.detach(), accuracy.detach()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        logits = logits.detach()
+        # Recorded as plain cross-entropy, like validation, so the two curves compare in one plot.
+        if self.loss_criterion is not self.evaluation_criterion:
+            loss = self.evaluation_criterion(logits, labels)
+        return loss.detach(), (logits.argmax(dim=1) == labels).float().mean()
 
     def validation_step(self):
         """Evaluate on the whole validation set, record it, checkpoint, and print one line."""
-        loss, accuracy = compute_loss_and_accuracy(self.dataloader_val, self.model, self.loss_criterion)
+        loss, accuracy = compute_loss_and_accuracy(self.dataloader_val, self.model, self.evaluation_criterion)
         self.validation_history["loss"][self.global_step] = loss
         self.validation_history["accuracy"][self.global_step] = accuracy
         improved = math.isfinite(loss) and loss < self.best_val_loss  # NaN is never "best"
@@ -162,7 +171,7 @@ class Trainer:
         splits = dict(train=self.dataloader_train.evaluation_view(self.dataloader_val.batch_size),
                       val=self.dataloader_val, test=self.dataloader_test)
         for split, loader in splits.items():
-            loss, accuracy = compute_loss_and_accuracy(loader, self.model, self.loss_criterion)
+            loss, accuracy = compute_loss_and_accuracy(loader, self.model, self.evaluation_criterion)
             results[f"{split}_loss"], results[f"{split}_accuracy"] = loss, accuracy
         return results
 
@@ -176,6 +185,7 @@ class Trainer:
     def save_model(self, filename):
         """Checkpoint the model, optimizer, step, best validation loss and settings in one dict."""
         utils.save_checkpoint(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                   scheduler=self.scheduler.state_dict() if self.scheduler else None,
                                    global_step=self.global_step, epoch=self.epoch,
                                    best_val_loss=self.best_val_loss, settings=self.settings),
                               self.checkpoint_dir / filename)
@@ -205,7 +215,9 @@ class Trainer:
             model=type(self.model).__name__,
             parameters=sum(p.numel() for p in self.model.parameters()),
             optimizer=dict(name=type(self.optimizer).__name__, **self.optimizer.defaults),
-            loss=type(self.loss_criterion).__name__,
+            loss=type(self.loss_criterion).__name__ + (
+                f" (label smoothing {self.loss_criterion.label_smoothing})"
+                if getattr(self.loss_criterion, "label_smoothing", 0) else ""),
             device=utils.describe_device(self.device),
             torch_version=torch.__version__,
             train_time_s=self.train_time,

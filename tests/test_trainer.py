@@ -186,3 +186,15 @@ def test_early_stop_ends_training(tmp_path, monkeypatch):
     trainer.train()
     assert len(trainer.validation_history["loss"]) == 5 and trainer.best_step == 3
     assert json.loads((tmp_path / "results/test.json").read_text())["stopped_early"] is True
+
+
+def test_training_history_is_plain_cross_entropy_even_with_label_smoothing(tmp_path):
+    trainer = make_trainer(tmp_path, loss_criterion=nn.CrossEntropyLoss(label_smoothing=0.5))
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)  # the weights stay put
+    images, labels = next(iter(trainer.dataloader_train))
+    recorded, accuracy = trainer.train_step(images, labels)
+    with torch.no_grad():
+        logits = trainer.model(images)
+    assert recorded.item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert recorded.item() != pytest.approx(nn.CrossEntropyLoss(label_smoothing=0.5)(logits, labels).item(), rel=1e-3)
+    assert accuracy.item() == (logits.argmax(1) == labels).float().mean().item()
