@@ -12,6 +12,7 @@ import pathlib
 
 import task1
 import task2
+import task3
 import utils
 
 # A report is a list of blocks, rendered once as Markdown and once as PDF:
@@ -69,7 +70,7 @@ def task2_blocks(results_dir, plots_dir):
     blocks = [("h2", "Task 2"), ("h3", "Task 2a"),
               ("p", "The network of Table 2, as built by task2.ExampleModel (kernel / stride / padding; "
                     "output shape for one 32x32 RGB image):"),
-              ("code", utils.layer_table(task2.ExampleModel(3, 10)))]
+              ("table", *utils.layer_table_data(task2.ExampleModel(3, 10)))]
     results = load_results(results_dir, "task2")
     if results is None:
         return blocks + [missing("Task 2", "python task2.py"), ("h3", "Task 2b"), missing("Task 2", "python task2.py")]
@@ -82,16 +83,29 @@ def task2_blocks(results_dir, plots_dir):
 
 
 def task3_blocks(results_dir, plots_dir):
-    blocks = [("h2", "Task 3")]
-    runs = [(path.stem, json.loads(path.read_text())) for path in sorted(pathlib.Path(results_dir).glob("task3*.json"))]
-    plots = sorted(pathlib.Path(plots_dir).glob("task3*.png"))
-    blocks.append(("h3", "Task 3a and 3b"))
-    blocks += [final_table(runs)] if runs else [missing("Task 3", "python task3.py")]
-    for path in plots:
-        blocks += plot_block(plots_dir, path.name, f"Task 3: {path.stem}")
-    for question, prompt in (("3c", "Which methods helped, which did not, and why."),
-                             ("3d", "The method that helped most: training and validation loss with and without it."),
-                             ("3e", "The improved best model: validation accuracy over training and test accuracy."),
+    blocks = [("h2", "Task 3"), ("h3", "Task 3a")]
+    for name, model in task3.MODELS.items():
+        blocks += [("p", f"**{name}**: {model.__doc__.splitlines()[0]}"), ("table", *utils.layer_table_data(model()))]
+    runs = sorted(pathlib.Path(results_dir).glob("task3_*_seed*.json"))
+    if runs:
+        blocks += [("p", "Training details (every run of Task 3):"), settings_table(json.loads(runs[0].read_text()))]
+    blocks.append(("h3", "Task 3b"))
+    header, rows = task3.summary_table(results_dir)
+    blocks += [("table", header, rows)] if rows else [missing("Task 3", "python task3.py --seeds 0 1 2")]
+    for path in sorted(pathlib.Path(plots_dir).glob("task3_*_seed*_plot.png")):
+        blocks += plot_block(plots_dir, path.name, f"Task 3b: {path.stem.removesuffix('_plot')}: loss (left) and "
+                                                   "validation accuracy (right) over training steps.")
+    blocks += [("h3", "Task 3c"), ("todo", "Which methods helped, which did not, and why.")]
+    header, rows = task3.ablation_table(results_dir)
+    blocks += [("table", header, rows)] if rows else [missing("the ablation study", "python task3.py --ablate augmentation")]
+    blocks.append(("h3", "Task 3d"))
+    ablation_plots = sorted(pathlib.Path(plots_dir).glob("task3_ablation_*.png"))
+    for path in ablation_plots:
+        blocks += plot_block(plots_dir, path.name, f"Task 3d: training and validation loss with and without "
+                                                   f"{path.stem.removeprefix('task3_ablation_')}.")
+    if not ablation_plots:
+        blocks.append(missing("Task 3d", "python task3.py --ablate augmentation"))
+    for question, prompt in (("3e", "The improved best model: validation accuracy over training and test accuracy."),
                              ("3f", "Signs of over- or under-fitting in the best model, backed by the curves.")):
         blocks += [("h3", f"Task {question}"), ("todo", prompt)]
     return blocks
@@ -140,12 +154,9 @@ def to_markdown(blocks, output_dir):
         elif kind == "p":
             lines += [block[1], ""]
         elif kind == "code":
-            text = block[1]
-            lines += ([text, ""] if text.startswith("|") else ["```", text, "```", ""])
+            lines += ["```", block[1], "```", ""]
         elif kind == "table":
-            _, header, rows = block
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+            lines += [utils.markdown_table(block[1], block[2]), ""]
         elif kind == "image":
             _, path, caption = block
             relative = pathlib.Path(path).resolve().relative_to(pathlib.Path(output_dir).resolve().parent)
@@ -183,15 +194,9 @@ def to_pdf(blocks, path):
             pdf.multi_cell(0, 5, latin1(block[1]), markdown=True, new_x="LMARGIN", new_y="NEXT")
             pdf.ln(2)
         elif kind == "code":
-            text = block[1]
-            if text.startswith("|"):  # a Markdown table: render it as a table
-                rows = [[cell.strip().strip("*") for cell in line.strip("|").split("|")]
-                        for line in text.splitlines() if not line.startswith("|--") and not line.startswith("|---:")]
-                pdf_table(pdf, rows[0], rows[1:])
-            else:
-                pdf.set_font("Courier", size=9)
-                pdf.multi_cell(0, 4.5, latin1(text), new_x="LMARGIN", new_y="NEXT")
-                pdf.ln(2)
+            pdf.set_font("Courier", size=9)
+            pdf.multi_cell(0, 4.5, latin1(block[1]), new_x="LMARGIN", new_y="NEXT")
+            pdf.ln(2)
         elif kind == "table":
             pdf_table(pdf, block[1], block[2])
         elif kind == "image":

@@ -275,12 +275,22 @@ def layer_rows(model, input_shape=(1, 3, 32, 32)):
     return rows
 
 
+def layer_table_data(model, input_shape=(1, 3, 32, 32)):
+    """(header, rows of strings) describing the model layer by layer, the parameter total last."""
+    rows = layer_rows(model, input_shape)
+    header = ["#", "layer", "filters / units", "kernel / stride / padding", "output (C x H x W)", "parameters"]
+    body = [[str(i), kind, size, geometry, shape, f"{params:,}"]
+            for i, (kind, size, geometry, shape, params) in enumerate(rows, start=1)]
+    body.append(["", "total", "", "", "", f"{sum(row[4] for row in rows):,}"])
+    return header, body
+
+
 def layer_table(model, input_shape=(1, 3, 32, 32)):
     """The model's layers as a Markdown table, as a report describes a network, with the parameter total."""
-    lines = ["| # | layer | filters / units | kernel / stride / padding | output (C x H x W) | parameters |",
-             "|---:|---|---:|---|---|---:|"]
-    rows = layer_rows(model, input_shape)
-    for i, (kind, size, geometry, shape, params) in enumerate(rows, start=1):
-        lines.append(f"| {i} | {kind} | {size} | {geometry} | {shape} | {params:,} |")
-    lines.append(f"| | **total** | | | | **{sum(row[4] for row in rows):,}** |")
-    return "\n".join(lines)
+    return markdown_table(*layer_table_data(model, input_shape))
+
+
+def markdown_table(header, rows):
+    """A Markdown table from a header and rows of strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -54,11 +54,12 @@ def test_report_from_nothing_names_the_commands(tmp_path):
     blocks = report.main(["--results-dir", str(tmp_path / "none"), "--plots-dir", str(tmp_path / "none"),
                           "--output-dir", str(tmp_path / "report")])
     markdown = (tmp_path / "report/report.md").read_text()
-    for command in ("python task2.py", "python task3.py", "python task4a.py", "python task4b.py"):
+    for command in ("python task2.py", "python task3.py --seeds 0 1 2", "python task3.py --ablate augmentation",
+                    "python task4a.py", "python task4b.py"):
         assert f"run `{command}`" in markdown
-    for question in ("1a", "1g", "2a", "2b", "3a", "3c", "3d", "3e", "3f", "4a", "4b", "4c"):
+    for question in ("1a", "1g", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4a", "4b", "4c"):
         assert f"Task {question}" in markdown
-    assert markdown.count("> **TO WRITE:**") == 6 and "390,410" in markdown
+    assert markdown.count("> **TO WRITE:**") == 5 and "390,410" in markdown and "6,573,120" in markdown
     assert (tmp_path / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
     assert any(block[0] == "todo" for block in blocks)
 
