@@ -191,7 +191,9 @@ def to_pdf(blocks, path):
             pdf.ln(2)
         elif kind == "p":
             pdf.set_font("Helvetica", size=10)
-            pdf.multi_cell(0, 5, latin1(block[1]), markdown=True, new_x="LMARGIN", new_y="NEXT")
+            text = latin1(block[1]).replace("`", "")
+            # fpdf2's markdown knows **bold**, but reads the "--" of command-line flags as underlining.
+            pdf.multi_cell(0, 5, text, markdown="--" not in text, new_x="LMARGIN", new_y="NEXT")
             pdf.ln(2)
         elif kind == "code":
             pdf.set_font("Courier", size=9)
