@@ -208,8 +208,7 @@ class DeviceLoader:
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index]
             if self.augment:
-                images = random_crop(images, shifts[index], self.crop_padding)
-                images = torch.where(flips[index].view(-1, 1, 1, 1), images.flip(3), images)
+                images = random_crop_and_flip(images, shifts[index], flips[index], self.crop_padding)
             yield self.to_model_input(images), self.labels[index]
 
     def evaluation_view(self, batch_size):
@@ -219,21 +218,26 @@ class DeviceLoader:
 
     def to_model_input(self, images):
         """uint8 [B,3,H,W] -> float [B,3,S,S]: ToTensor() + Normalize() arithmetic, then the resize if any."""
-        images = (images.float().div(255) - self._mean) / self._std
+        images = images.float().div_(255).sub_(self._mean).div_(self._std)  # in place: no temporaries
         if self.image_size is not None:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=self.image_size < images.shape[-1])
         return images
 
 
-def random_crop(images, shifts, padding):
-    """uint8 [B,C,H,W], shifts int [B,2] in [0, 2*padding] -> each image cropped from its zero-padded self."""
-    b, _, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)  # zeros, as torchvision's RandomCrop(padding=...)
-    rows = (shifts[:, 0:1] + torch.arange(h, device=images.device)).view(b, h, 1)  # [B,H,1]
-    cols = (shifts[:, 1:2] + torch.arange(w, device=images.device)).view(b, 1, w)  # [B,1,W]
-    batch = torch.arange(b, device=images.device).view(b, 1, 1)
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # [B,H,W,C] -> [B,C,H,W]
+def random_crop_and_flip(images, shifts, flips, padding):
+    """uint8 [B,C,H,W], shifts int [B,2] in [0, 2*padding], flips bool [B] -> each image cropped from its
+    zero-padded self (as torchvision's RandomCrop(padding=...)), then mirrored left-right where flips says.
+
+    Two gathers, rows then columns; crop-then-mirror reads padded column shift + (W-1-x) for output column x.
+    """
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)  # [B, C, H+2p, W+2p]
+    rows = shifts[:, 0:1] + torch.arange(h, device=images.device)  # [B, H]
+    cols = torch.arange(w, device=images.device).expand(b, w)
+    cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + shifts[:, 1:2]  # [B, W]
+    padded = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * padding))  # [B, C, H, W+2p]
+    return padded.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))  # [B, C, H, W]
 
 
 def split_indices(n, validation_fraction, split_seed):

@@ -149,14 +149,17 @@ def test_augmentation_keeps_shapes_and_labels_and_changes_images(pickled_dir):
     assert not val_aug.augment and not val_aug.shuffle
 
 
-def test_random_crop_matches_a_per_image_crop():
+def test_random_crop_and_flip_match_a_per_image_crop_then_flip():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     shifts = torch.tensor([[0, 0], [4, 4], [8, 8], [0, 8], [2, 5], [8, 1]])
-    out = dataloaders.random_crop(images, shifts, padding=4)
+    flips = torch.tensor([False, True, False, True, True, False])
+    out = dataloaders.random_crop_and_flip(images, shifts, flips, padding=4)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i, (dy, dx) in enumerate(shifts.tolist()):
-        assert torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])
+        crop = padded[i, :, dy:dy + 8, dx:dx + 8]
+        assert torch.equal(out[i], crop.flip(2) if flips[i] else crop)
     assert torch.equal(out[2, :, :4, :4], images[2, :, 4:, 4:])  # the extreme shift keeps a quarter
+    assert torch.equal(out[1], images[1].flip(2))  # no shift, mirrored
 
 
 def test_a_broken_cache_is_rebuilt(tmp_path, tiny_arrays):
