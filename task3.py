@@ -140,6 +140,7 @@ def train_one(model_name, args, seed, without=None, name=None):
                       optimizer=optimizer, scheduler=scheduler,
                       loss_criterion=nn.CrossEntropyLoss(label_smoothing=smoothing), device=device,
                       validations_per_epoch=args.validations_per_epoch,
+                      **utils.speed_options(args, device),
                       name=name or f"task3_{model_name}_seed{seed}", settings=settings)
     trainer.train()
     return trainer

@@ -23,7 +23,7 @@ def compute_loss_and_accuracy(dataloader, model, loss_criterion):
     with torch.no_grad():
         for images, labels in dataloader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(images)
+            logits = model(images).float()  # float32 even under autocast: the loss is summed over many batches
             # The criterion averages over its batch; weigh each batch by its size so that a
             # smaller last batch counts for no more than its images.
             total_loss += loss_criterion(logits, labels) * len(labels)
@@ -43,13 +43,24 @@ class Trainer:
 
     def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
                  optimizer=None, scheduler=None, loss_criterion=None, device=None, validations_per_epoch=2,
+                 autocast_dtype=None, channels_last=False, compile_model=False,
                  name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.early_stop_count = early_stop_count
         self.epochs = epochs
         self.device = device if device is not None else utils.get_device()
-        self.model = model.to(self.device)
+        # Channels-last (NHWC) lets cuDNN use its fastest convolution kernels, tensor cores above all:
+        # https://pytorch.org/tutorials/intermediate/memory_format_tutorial.html
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        # The compiled module runs the plain one's parameters; checkpoints are taken from the plain one,
+        # so their keys never gain torch.compile's `_orig_mod.` prefix and load into an uncompiled model.
+        self.forward_model = torch.compile(self.model) if compile_model else self.model
+        self.autocast_dtype = autocast_dtype  # None: float32 throughout; else forward passes in this dtype
+        # float16 has too few exponent bits for small gradients: scale the loss up, and the gradients
+        # back down before the step (skipping steps that overflowed). bfloat16 needs none of it.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype == torch.float16)
         self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=learning_rate)
         self.scheduler = scheduler  # stepped after every optimisation step, not every epoch
         # Reported losses are plain cross-entropy, comparable across runs whatever trained them
@@ -66,7 +77,9 @@ class Trainer:
         self.results_path = pathlib.Path(results_dir) / f"{name}.json"
         self.settings = dict(settings or {}, batch_size=batch_size, learning_rate=learning_rate,
                              early_stop_count=early_stop_count, epochs=epochs,
-                             validations_per_epoch=validations_per_epoch)
+                             validations_per_epoch=validations_per_epoch,
+                             precision=str(autocast_dtype or torch.float32).removeprefix("torch."),
+                             channels_last=channels_last, compiled=compile_model)
 
         self.global_step = 0  # optimisation steps taken; histories are keyed by it
         self.epoch = 0
@@ -77,25 +90,37 @@ class Trainer:
         self.start_time = time.perf_counter()
         self.final = None  # {train,val,test}_{loss,accuracy} of the best model, after train()
 
+    def autocast(self):
+        """The context forward passes run in: mixed precision when an autocast dtype is set, else a no-op."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     def train_step(self, images, labels):
         """One optimisation step on a batch -> (cross-entropy, accuracy) on the batch, device tensors, no sync."""
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        logits = self.model(images)
-        loss = self.loss_criterion(logits, labels)
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.forward_model(images)
+            loss = self.loss_criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        logits = logits.detach()
+        logits = logits.detach().float()
         # Recorded as plain cross-entropy, like validation, so the two curves compare in one plot.
         if self.loss_criterion is not self.evaluation_criterion:
             loss = self.evaluation_criterion(logits, labels)
         return loss.detach(), (logits.argmax(dim=1) == labels).float().mean()
 
+    def evaluate_on(self, dataloader):
+        """(loss, accuracy) of the model over the whole of `dataloader`, in the training's precision."""
+        with self.autocast():
+            return compute_loss_and_accuracy(dataloader, self.forward_model, self.evaluation_criterion)
+
     def validation_step(self):
         """Evaluate on the whole validation set, record it, checkpoint, and print one line."""
-        loss, accuracy = compute_loss_and_accuracy(self.dataloader_val, self.model, self.evaluation_criterion)
+        loss, accuracy = self.evaluate_on(self.dataloader_val)
         self.validation_history["loss"][self.global_step] = loss
         self.validation_history["accuracy"][self.global_step] = accuracy
         improved = math.isfinite(loss) and loss < self.best_val_loss  # NaN is never "best"
@@ -171,7 +196,7 @@ class Trainer:
         splits = dict(train=self.dataloader_train.evaluation_view(self.dataloader_val.batch_size),
                       val=self.dataloader_val, test=self.dataloader_test)
         for split, loader in splits.items():
-            loss, accuracy = compute_loss_and_accuracy(loader, self.model, self.evaluation_criterion)
+            loss, accuracy = self.evaluate_on(loader)
             results[f"{split}_loss"], results[f"{split}_accuracy"] = loss, accuracy
         return results
 

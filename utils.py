@@ -72,8 +72,22 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
                         help="deterministic cuDNN kernels (slower); default lets cuDNN pick the fastest")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N, mps or cpu; default: CUDA, then Apple MPS, then CPU")
+    parser.add_argument("--no-autocast", action="store_true",
+                        help="CUDA: train in float32 instead of mixed precision (bfloat16 where the GPU "
+                             "computes it natively, else float16 with a gradient scaler)")
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="CUDA: keep PyTorch's default NCHW memory format instead of channels-last")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model: faster steps after a start-up that may take minutes")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window")
     return parser
+
+
+def speed_options(args, device):
+    """The Trainer's speed keywords from the command line: mixed precision and channels-last on CUDA."""
+    return dict(autocast_dtype=None if args.no_autocast else autocast_dtype(device),
+                channels_last=device.type == "cuda" and not args.no_channels_last,  # slower on CPU
+                compile_model=args.compile)
 
 
 # ---------------------------------------------------------------- seeding and devices
@@ -111,6 +125,14 @@ def get_device(name=None):
     if device.type not in ("cuda", "mps", "cpu"):
         raise UserError(f"--device {name}: use cuda, cuda:N, mps or cpu")
     return device
+
+
+def autocast_dtype(device):
+    """Mixed precision for `device`: bfloat16 on GPUs that compute it natively (Ampere and later),
+    float16 on older ones (a T4: bfloat16 there is emulated, slower than float32); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def describe_device(device):

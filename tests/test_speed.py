@@ -1,0 +1,179 @@
+"""Speed levers (mixed precision, channels-last, torch.compile) and benchmark.py on tiny data."""
+import argparse
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import benchmark
+import task2
+import utils
+from test_trainer import make_trainer
+
+
+def flags(**overrides):
+    return argparse.Namespace(**dict(dict(no_autocast=False, no_channels_last=False, compile=False), **overrides))
+
+
+class CompileSpy:
+    """Stands in for torch.compile: compiles for real (with the light 'eager' backend) and counts forward calls."""
+
+    def __init__(self):
+        self.compiled = []
+        self.calls = 0
+        self.real = torch.compile
+
+    def __call__(self, model):
+        spy = self
+
+        class Counted(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = spy.real(model, backend="eager")
+
+            def forward(self, x):
+                spy.calls += 1
+                return self.inner(x)
+
+        self.compiled.append(model)
+        return Counted()
+
+
+@pytest.fixture
+def compile_spy(monkeypatch):
+    spy = CompileSpy()
+    monkeypatch.setattr(torch, "compile", spy)
+    return spy
+
+
+def test_speed_defaults_per_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.speed_options(flags(), cpu) == dict(autocast_dtype=None, channels_last=False, compile_model=False)
+    assert utils.speed_options(flags(compile=True), cpu)["compile_model"] is True
+    # An Ampere-or-later GPU computes bfloat16 natively; a T4 only emulates it, so it gets float16.
+    native = {"value": True}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["value"]
+                        or including_emulation)
+    assert utils.speed_options(flags(), cuda) == dict(autocast_dtype=torch.bfloat16, channels_last=True,
+                                                     compile_model=False)
+    native["value"] = False
+    assert utils.autocast_dtype(cuda) == torch.float16
+    assert utils.speed_options(flags(no_autocast=True, no_channels_last=True), cuda) == dict(
+        autocast_dtype=None, channels_last=False, compile_model=False)
+
+
+@pytest.mark.parametrize("speed, dtype, channels_last, scaler", [
+    ({}, torch.float32, False, False),
+    (dict(autocast_dtype=torch.bfloat16), torch.bfloat16, False, False),
+    (dict(autocast_dtype=torch.float16), torch.float16, False, True),  # float16 needs the gradient scaler
+    (dict(channels_last=True), torch.float32, True, False),
+])
+def test_levers_reach_the_training_step(tmp_path, speed, dtype, channels_last, scaler):
+    trainer = make_trainer(tmp_path, **speed)
+    seen = []
+    trainer.model[0].register_forward_pre_hook(
+        lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    trainer.model[1].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = trainer.model[1].weight.detach().clone()
+    images, labels = next(iter(trainer.dataloader_train))
+    loss, accuracy = trainer.train_step(images, labels)
+    assert seen == [channels_last, dtype]
+    assert trainer.grad_scaler.is_enabled() is scaler
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert not torch.equal(before, trainer.model[1].weight)  # the step really updated the weights
+    assert trainer.model[1].weight.dtype == torch.float32  # autocast leaves the weights in float32
+
+
+def test_a_compiled_model_trains_and_its_checkpoints_load_into_the_plain_model(tmp_path, compile_spy):
+    trainer = make_trainer(tmp_path, epochs=2, compile_model=True)
+    trainer.train()
+    assert compile_spy.compiled == [trainer.model] and compile_spy.calls > 0
+    state = utils.load_checkpoint(tmp_path / "checkpoints/test/best.ckpt")["model"]
+    assert not any(key.startswith("_orig_mod.") for key in state)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    plain.load_state_dict(state)  # strict: every key matches
+    assert json.loads((tmp_path / "results/test.json").read_text())["settings"]["compiled"] is True
+
+
+def record_forward_precision(monkeypatch):
+    """Make task2.ExampleModel note, on every forward pass, the autocast dtype it runs under (None: off)."""
+    seen = []
+    forward = task2.ExampleModel.forward
+
+    def recording(self, x):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(self, x)
+
+    monkeypatch.setattr(task2.ExampleModel, "forward", recording)
+    return seen
+
+
+@pytest.mark.parametrize("extra, expected", [([], torch.bfloat16), (["--no-autocast"], None)])
+def test_the_autocast_flag_reaches_the_training_step(tmp_path, monkeypatch, pickled_dir, extra, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device: torch.bfloat16)  # as on an Ampere GPU
+    seen = record_forward_precision(monkeypatch)
+    trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--batch-size", "180", "--device", "cpu",
+                          *extra])
+    assert seen and set(seen) == {expected}
+    assert trainer.settings["precision"] == str(expected or torch.float32).removeprefix("torch.")
+
+
+def test_the_compile_flag_reaches_the_training_step(tmp_path, monkeypatch, pickled_dir, compile_spy):
+    monkeypatch.chdir(tmp_path)
+    trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--device", "cpu", "--compile"])
+    assert compile_spy.compiled == [trainer.model] and compile_spy.calls >= trainer.global_step
+    plain = task2.ExampleModel(3, 10)
+    plain.load_state_dict(utils.load_checkpoint(tmp_path / "checkpoints/task2/best.ckpt")["model"])
+
+
+def read_tables(text):
+    """{section number: rows as lists of cell strings} from benchmark.py's Markdown."""
+    tables = {}
+    for number, body in re.findall(r"^(\d)\. .*?\n\n((?:\|.*\n?)+)", text, flags=re.M):
+        rows = body.strip().splitlines()[2:]  # after the header and the |---| line
+        tables[int(number)] = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    return tables
+
+
+def number(cell):
+    return float(cell.replace(",", "").rstrip("x"))
+
+
+def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, pickled_dir, compile_spy):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.md"
+    benchmark.main(["--data-dir", str(pickled_dir), "--device", "cpu", "--models", "task2", "task4a",
+                    "--image-size", "40", "--steps", "2", "--warmup-steps", "1", "--repeats", "2",
+                    "--pipeline-batches", "2", "--full-run-epochs", "1", "--workers", "0", "--out", str(out)])
+    tables = read_tables(out.read_text())
+    assert sorted(tables) == [1, 2, 3]
+
+    assert [row[0] for row in tables[1]] == ["32x32, normalise (Task 2)", "32x32, crop + flip + normalise (Task 3)",
+                                            "resize to 40x40 + normalise (Task 4a)"]
+    for _, _, standard, ours, ratio in tables[1]:
+        assert number(standard) > 0 and number(ours) > 0
+        assert number(ratio) == pytest.approx(number(ours) / number(standard), rel=0.05, abs=0.06)
+
+    labels = ["standard, float32", "ours, float32", "ours + channels-last", "ours + torch.compile"]
+    assert [(row[0], row[1]) for row in tables[2]] == [("Task 2 CNN", label) for label in labels] + [
+        ("Task 4a ResNet18 at 40x40", label) for label in labels]
+    assert len(compile_spy.compiled) == 2 and compile_spy.calls >= 2 * (1 + 2 * 2)  # warm-up + repeats x steps
+    for network, label, batch, rate, epoch_s, ratio, warmup_s in tables[2]:
+        assert number(epoch_s) == pytest.approx(400 / number(rate), rel=0.05, abs=0.06)  # tiny: 400 images
+        assert number(warmup_s) >= 0
+    for first in (tables[2][0], tables[2][4]):
+        assert first[5] == "1.00x"
+    for row in tables[2]:
+        standard = next(r for r in tables[2] if r[0] == row[0] and r[1] == "standard, float32")
+        assert number(row[5]) == pytest.approx(number(row[3]) / number(standard[3]), rel=0.05, abs=0.011)
+
+    (standard_run, our_run) = tables[3]
+    assert standard_run[0].startswith("standard") and our_run[0].startswith("ours")
+    for row in tables[3]:
+        assert row[1] == "1" and 0 < number(row[2]) <= number(row[3]) and 0 <= number(row[4]) <= 1
+    assert standard_run[5] == "1.0x"
+    assert number(our_run[5]) == pytest.approx(number(standard_run[3]) / number(our_run[3]), rel=0.1, abs=0.06)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results").exists()  # nothing of a user's
