@@ -299,6 +299,8 @@ def main(argv=()):
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the standard DataLoader")
     parser.add_argument("--out", default=None, help="where to save the tables (default results/benchmark_<device>.md)")
     args = parser.parse_args(argv)
+    if args.workers < 0 or args.full_run_epochs < 0:
+        parser.error("--workers and --full-run-epochs must not be negative")
     device = utils.get_device(args.device)
     utils.set_seed(0)
 
