@@ -48,6 +48,7 @@ class Workload:
     mean: tuple
     std: tuple
     augment: bool = False
+    label_smoothing: float = 0.0
     image_size: Optional[int] = None  # None: the 32x32 images as they are
 
 
@@ -59,7 +60,7 @@ def workloads(image_size):
         "task3": Workload("Task 3 ResNet-9", task3.ResNet9,
                           lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
                                                          weight_decay=5e-4),
-                          512, dataloaders.mean, dataloaders.std, augment=True),
+                          512, dataloaders.mean, dataloaders.std, augment=True, label_smoothing=0.2),
         "task4a": Workload(f"Task 4a ResNet18 at {image_size}x{image_size}",
                            lambda: task4a.TransferResNet18(num_classes=10),
                            lambda params: torch.optim.Adam(params, lr=5e-4), 32,
@@ -166,7 +167,7 @@ def training_rate(workload, loader, device, speed, steps, warmup_steps, repeats,
     model = workload.model()
     optimizer = workload.optimizer([p for p in model.parameters() if p.requires_grad])
     trainer = Trainer(workload.batch_size, optimizer.defaults["lr"], 1, 1, model, (loader, loader, loader),
-                      optimizer=optimizer, loss_criterion=nn.CrossEntropyLoss(label_smoothing=0.2 * workload.augment),
+                      optimizer=optimizer, loss_criterion=nn.CrossEntropyLoss(label_smoothing=workload.label_smoothing),
                       device=device, checkpoint_dir=scratch, results_dir=scratch, **speed)
     stream = endless(loader)
 
@@ -208,7 +209,8 @@ def configurations(device, levers):
     configs = [("standard, float32", "standard", PLAIN), ("ours, float32", "ours", PLAIN)]
     dtype = utils.autocast_dtype(device)
     if "autocast" in levers and dtype is not None:  # mixed precision is a CUDA lever here
-        configs.append((f"ours + {str(dtype).removeprefix('torch.')} autocast", "ours", dict(PLAIN, autocast_dtype=dtype)))
+        label = f"ours + {str(dtype).removeprefix('torch.')} autocast"
+        configs.append((label, "ours", dict(PLAIN, autocast_dtype=dtype)))
     if "channels_last" in levers:
         configs.append(("ours + channels-last", "ours", dict(PLAIN, channels_last=True)))
     if "compile" in levers:
