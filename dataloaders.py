@@ -25,6 +25,7 @@ std = (0.25, 0.25, 0.25)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 CACHE_NAME = "cifar10-uint8-cache.pt"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+EVAL_BATCH_SIZE = 256  # at least: evaluation needs no gradients, so bigger batches are faster
 
 
 class DatasetNotFoundError(utils.UserError):
@@ -251,7 +252,7 @@ def split_indices(n, validation_fraction, split_seed):
 
 def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10", device=None,
                  augment=False, mean=mean, std=std, image_size=None, seed=0, split_seed=0,
-                 eval_batch_size=256):
+                 eval_batch_size=EVAL_BATCH_SIZE):
     """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments."""
     device = torch.device(device) if device is not None else utils.get_device()
     train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir)
@@ -262,7 +263,7 @@ def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10"
             images, labels = images[index], labels[index]
         return images.to(device), labels.to(device)
 
-    eval_batch_size = max(batch_size, eval_batch_size)  # evaluation needs no gradients: bigger is faster
+    eval_batch_size = max(batch_size, eval_batch_size)
     common = dict(mean=mean, std=std, image_size=image_size, classes=classes)
     return (
         DeviceLoader(*on_device(train_images, train_labels, train_index), batch_size,

@@ -37,7 +37,9 @@ def final_table(runs):
 def settings_table(results):
     """('table', ...) of everything needed to repeat a run."""
     optimizer = results["optimizer"]
-    rows = [["optimizer", f"{optimizer['name']} ({', '.join(f'{k}={v}' for k, v in optimizer.items() if k in ('lr', 'momentum', 'weight_decay', 'betas', 'nesterov'))})"],
+    shown = ", ".join(f"{k}={v}" for k, v in optimizer.items()
+                      if k in ("lr", "momentum", "weight_decay", "betas", "nesterov"))
+    rows = [["optimizer", f"{optimizer['name']} ({shown})"],
             ["loss", results["loss"]], ["model", f"{results['model']} ({results['parameters']:,} parameters)"]]
     rows += [[key, str(value)] for key, value in results["settings"].items()
              if key not in ("show", "data_dir", "device")]
