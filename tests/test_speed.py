@@ -175,5 +175,9 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     for row in tables[3]:
         assert row[1] == "1" and 0 < number(row[2]) <= number(row[3]) and 0 <= number(row[4]) <= 1
     assert standard_run[5] == "1.0x"
-    assert number(our_run[5]) == pytest.approx(number(standard_run[3]) / number(our_run[3]), rel=0.1, abs=0.06)
+    # The speed-up is the ratio of the two whole-run times, which the table rounds to 0.1 s: on runs
+    # of about a second that rounding alone moves the ratio by 10 %, so bound it from both sides.
+    standard_s, our_s = number(standard_run[3]), number(our_run[3])
+    lowest, highest = (standard_s - 0.05) / (our_s + 0.05), (standard_s + 0.05) / max(our_s - 0.05, 0.01)
+    assert lowest - 0.05 <= number(our_run[5]) <= highest + 0.05
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results").exists()  # nothing of a user's
