@@ -163,16 +163,28 @@ class DeviceLoader:
     Like a DataLoader: len() is batches per epoch; with shuffle, the order changes every epoch
     and the last partial batch is dropped (unless there is no full batch at all); without it,
     every image comes exactly once, in order.
+
+    Augmentation (training only): each image is translated by up to `crop_padding` pixels each way
+    (a crop of its padded self: zeros as torchvision's RandomCrop, or a mirror of its border with
+    padding_mode="reflect", which adds no black edges) and mirrored left-right. flip="random" tosses a
+    coin per image and epoch; flip="alternate" tosses it once, in the first epoch, then mirrors every
+    image in every other epoch, so that each image is seen both ways in any two consecutive epochs
+    (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", https://arxiv.org/abs/2404.00498).
     """
 
     def __init__(self, images, labels, batch_size, *, mean, std, shuffle=False, augment=False,
-                 crop_padding=4, image_size=None, seed=0, classes=None):
+                 crop_padding=4, padding_mode="zeros", flip="random", image_size=None, seed=0, classes=None):
+        if padding_mode not in ("zeros", "reflect") or flip not in ("random", "alternate"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'reflect' and flip 'random' or 'alternate', "
+                             f"got {padding_mode!r} and {flip!r}")
         self.images = images  # uint8 [N,3,H,W] on the training device
         self.labels = labels  # int64 [N]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
-        self.crop_padding = crop_padding
+        self.crop_padding = crop_padding  # pixels, the largest translation each way
+        self.padding_mode = padding_mode
+        self.flip = flip
         self.image_size = image_size  # None keeps 32x32; else square side after a bilinear resize
         self.classes = classes  # class names, label order
         self.mean, self.std = tuple(mean), tuple(std)  # per channel, in units of pixel / 255
@@ -180,6 +192,8 @@ class DeviceLoader:
         self._std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
         # Random draws happen on the CPU, once per epoch, so a seed gives the same epochs on any device.
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0  # epochs begun: the alternating flip's parity
+        self.first_flips = None  # flip="alternate": the coin of each image in the first epoch
 
     @property
     def device(self):
@@ -201,16 +215,25 @@ class DeviceLoader:
         else:
             order = torch.arange(n, device=self.device)
         if self.augment:
-            # Per image: crop offsets in [0, 2 * padding] and a coin for the horizontal flip.
+            # Per image: crop offsets in [0, 2 * padding] and whether it is mirrored.
             shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
-            flips = torch.rand(n, generator=self.generator) < 0.5
-            shifts, flips = shifts.to(self.device), flips.to(self.device)
+            shifts, flips = shifts.to(self.device), self.epoch_flips().to(self.device)
+        self.epoch += 1
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index]
             if self.augment:
-                images = random_crop_and_flip(images, shifts[index], flips[index], self.crop_padding)
+                images = random_crop_and_flip(images, shifts[index], flips[index], self.crop_padding,
+                                              self.padding_mode)
             yield self.to_model_input(images), self.labels[index]
+
+    def epoch_flips(self):
+        """bool [N] on the CPU: which images this epoch mirrors."""
+        if self.flip == "random":
+            return torch.rand(self.num_images, generator=self.generator) < 0.5
+        if self.first_flips is None:
+            self.first_flips = torch.rand(self.num_images, generator=self.generator) < 0.5
+        return self.first_flips ^ (self.epoch % 2 == 1)
 
     def evaluation_view(self, batch_size):
         """The same images in order, unaugmented, every one exactly once: for evaluating on this set."""
@@ -226,14 +249,15 @@ class DeviceLoader:
         return images
 
 
-def random_crop_and_flip(images, shifts, flips, padding):
+def random_crop_and_flip(images, shifts, flips, padding, padding_mode="zeros"):
     """uint8 [B,C,H,W], shifts int [B,2] in [0, 2*padding], flips bool [B] -> each image cropped from its
-    zero-padded self (as torchvision's RandomCrop(padding=...)), then mirrored left-right where flips says.
+    padded self (zeros as torchvision's RandomCrop(padding=...), or its mirrored border with "reflect"),
+    then mirrored left-right where flips says.
 
     Two gathers, rows then columns; crop-then-mirror reads padded column shift + (W-1-x) for output column x.
     """
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)  # [B, C, H+2p, W+2p]
+    padded = F.pad(images, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect")  # [B, C, H+2p, W+2p]
     rows = shifts[:, 0:1] + torch.arange(h, device=images.device)  # [B, H]
     cols = torch.arange(w, device=images.device).expand(b, w)
     cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + shifts[:, 1:2]  # [B, W]
@@ -251,9 +275,10 @@ def split_indices(n, validation_fraction, split_seed):
 
 
 def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10", device=None,
-                 augment=False, mean=mean, std=std, image_size=None, seed=0, split_seed=0,
-                 eval_batch_size=EVAL_BATCH_SIZE):
-    """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments."""
+                 augment=False, crop_padding=4, padding_mode="zeros", flip="random", mean=mean, std=std,
+                 image_size=None, seed=0, split_seed=0, eval_batch_size=EVAL_BATCH_SIZE):
+    """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments
+    (crop_padding, padding_mode and flip: see DeviceLoader)."""
     device = torch.device(device) if device is not None else utils.get_device()
     train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir)
     train_index, val_index = split_indices(len(train_labels), validation_fraction, split_seed)
@@ -267,7 +292,8 @@ def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10"
     common = dict(mean=mean, std=std, image_size=image_size, classes=classes)
     return (
         DeviceLoader(*on_device(train_images, train_labels, train_index), batch_size,
-                     shuffle=True, augment=augment, seed=seed, **common),
+                     shuffle=True, augment=augment, crop_padding=crop_padding, padding_mode=padding_mode,
+                     flip=flip, seed=seed, **common),
         DeviceLoader(*on_device(train_images, train_labels, val_index), eval_batch_size, **common),
         DeviceLoader(*on_device(test_images, test_labels), eval_batch_size, **common),
     )

@@ -6,14 +6,38 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import tqdm
 from torch import nn
 
 import utils
 
 
-def compute_loss_and_accuracy(dataloader, model, loss_criterion):
-    """Average loss per image and accuracy (a fraction) of `model` over every batch of `dataloader`."""
+def predict(model, images, tta_level=0):
+    """Logits of `model` for `images`, averaged over test-time views of each image.
+
+    tta_level 0: the image alone; 1: it and its mirror image; 2: also both of those translated by
+    one pixel up-left and down-right (reflected border), weighted 1/2 untranslated, 1/4 each
+    translation. The test-time augmentation of Keller Jordan's airbench
+    (https://github.com/KellerJordan/cifar10-airbench): the views a model was trained on, averaged.
+    """
+    if tta_level == 0:
+        return model(images)
+
+    def with_mirror(x):
+        return 0.5 * (model(x) + model(x.flip(-1)))
+
+    if tta_level == 1:
+        return with_mirror(images)
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    translated = [padded[..., :h, :w], padded[..., 2:, 2:]]  # content moved down-right, up-left
+    return 0.5 * with_mirror(images) + 0.25 * sum(with_mirror(x) for x in translated)
+
+
+def compute_loss_and_accuracy(dataloader, model, loss_criterion, tta_level=0):
+    """Average loss per image and accuracy (a fraction) of `model` over every batch of `dataloader`
+    (its predictions averaged over test-time views with tta_level > 0; see predict)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -23,7 +47,7 @@ def compute_loss_and_accuracy(dataloader, model, loss_criterion):
     with torch.no_grad():
         for images, labels in dataloader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(images).float()  # float32 even under autocast: the loss is summed over many batches
+            logits = predict(model, images, tta_level).float()  # float32 even under autocast: summed over many batches
             # The criterion averages over its batch; weigh each batch by its size so that a
             # smaller last batch counts for no more than its images.
             total_loss += loss_criterion(logits, labels) * len(labels)
@@ -31,6 +55,90 @@ def compute_loss_and_accuracy(dataloader, model, loss_criterion):
             count += len(labels)
     model.train(was_training)
     return total_loss.item() / count, correct.item() / count  # the only CPU-GPU syncs
+
+
+def parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=1.0, own_groups=()):
+    """Optimizer parameter groups of the trainable parameters, named by their "name" key.
+
+    "norm biases" (the shifts of batch/layer/group norms) train at learning_rate x norm_bias_lr_scale;
+    airbench raises it 64-fold: a shift is one number per channel and moves slowly at the rate the
+    weights need. Each parameter named in `own_groups` gets a group of its own (named after it), so a
+    schedule can treat it apart; "other" holds the rest.
+    weight_decay is decoupled from the learning rate: the fraction of each parameter removed per step,
+    in every group (PyTorch's SGD removes lr x weight_decay, hence the division below).
+    https://myrtle.ai/learn/how-to-train-your-resnet-5-hyperparameters/
+    """
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, norm_types) and m.bias is not None}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = dict(trainable)
+    unknown = set(own_groups) - set(named)
+    if unknown:
+        raise ValueError(f"own_groups names no trainable parameter: {sorted(unknown)}")
+    groups = [dict(name=name, params=[named[name]], lr=learning_rate) for name in own_groups]
+    groups.append(dict(name="norm biases", lr=learning_rate * norm_bias_lr_scale,
+                       params=[p for name, p in trainable if id(p) in norm_biases and name not in own_groups]))
+    groups.append(dict(name="other", lr=learning_rate,
+                       params=[p for name, p in trainable if id(p) not in norm_biases and name not in own_groups]))
+    groups = [group for group in groups if group["params"]]
+    for group in groups:
+        group["weight_decay"] = weight_decay / group["lr"]
+    return groups
+
+
+def warmup_decay(total_steps, start=0.0, peak_at=0.2, end=0.0):
+    """A triangular learning-rate factor, step -> factor: `start` rising linearly to 1 at
+    step peak_at x total_steps, then falling linearly to `end` at total_steps (and staying there)."""
+    peak = max(1, round(total_steps * peak_at))
+
+    def factor(step):
+        if step < peak:
+            return start + (1 - start) * step / peak
+        return end + (1 - end) * max(0.0, (total_steps - step) / max(1, total_steps - peak))
+
+    return factor
+
+
+class Lookahead:
+    """Lookahead weight averaging, as in airbench: every `every` steps from `start_step` on, an exponential
+    average of the weights (and batch-norm statistics) moves towards the model, and the model is set back
+    to the average; at the end of each epoch the model is set to the average once more.
+
+    The average keeps decay x (step / total_steps)^power of itself at each update: the averaging is weak
+    while the learning rate is high and strong as it falls, so the run ends on an average of its last few
+    hundred steps. Zhang et al., "Lookahead Optimizer: k steps forward, 1 step back"
+    (https://arxiv.org/abs/1907.08610); the schedule is airbench94's (every 5 steps of 1024 images, decay 0.95^5).
+    """
+
+    def __init__(self, total_steps, start_step, every=5, decay=0.95 ** 5, power=3.0):
+        self.total_steps, self.start_step, self.every = total_steps, start_step, every
+        self.decay, self.power = decay, power
+        self.average = None  # {state-dict key: tensor}, floating-point entries only, after start_step
+
+    def after_step(self, model, step, epoch_end):
+        """Update after optimisation step number `step` (1-based)."""
+        if step >= self.start_step and step % self.every == 0:
+            if self.average is None:
+                self.average = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                if v.is_floating_point()}
+            else:
+                self.pull(model, self.decay * (step / self.total_steps) ** self.power)
+        if epoch_end and self.average is not None:
+            self.pull(model, 1.0)  # the model becomes the average
+
+    @torch.no_grad()
+    def pull(self, model, decay):
+        """average <- decay x average + (1 - decay) x model; then model <- average."""
+        state = model.state_dict()
+        for key, average in self.average.items():
+            average.lerp_(state[key], 1 - decay)
+            state[key].copy_(average)
+
+    def state_dict(self):
+        return dict(average=self.average)
+
+    def load_state_dict(self, state):
+        self.average = state["average"]
 
 
 def progress_bars_wanted():
@@ -43,7 +151,7 @@ class Trainer:
 
     def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
                  optimizer=None, scheduler=None, loss_criterion=None, device=None, validations_per_epoch=2,
-                 autocast_dtype=None, channels_last=False, compile_model=False,
+                 autocast_dtype=None, channels_last=False, compile_model=False, lookahead=None, tta_level=0,
                  name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -63,6 +171,8 @@ class Trainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=autocast_dtype == torch.float16)
         self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=learning_rate)
         self.scheduler = scheduler  # stepped after every optimisation step, not every epoch
+        self.lookahead = lookahead  # a Lookahead weight average, or None
+        self.tta_level = tta_level  # test-time augmentation of the final evaluation (see predict), 0 for none
         # Reported losses are plain cross-entropy, comparable across runs whatever trained them
         # (label smoothing, say, raises the training criterion's floor above zero).
         self.evaluation_criterion = nn.CrossEntropyLoss()
@@ -79,7 +189,8 @@ class Trainer:
                              early_stop_count=early_stop_count, epochs=epochs,
                              validations_per_epoch=validations_per_epoch,
                              precision=str(autocast_dtype or torch.float32).removeprefix("torch."),
-                             channels_last=channels_last, compiled=compile_model)
+                             channels_last=channels_last, compiled=compile_model,
+                             lookahead=lookahead is not None, tta_level=tta_level)
 
         self.global_step = 0  # optimisation steps taken; histories are keyed by it
         self.epoch = 0
@@ -113,10 +224,10 @@ class Trainer:
             loss = self.evaluation_criterion(logits, labels)
         return loss.detach(), (logits.argmax(dim=1) == labels).float().mean()
 
-    def evaluate_on(self, dataloader):
+    def evaluate_on(self, dataloader, tta_level=0):
         """(loss, accuracy) of the model over the whole of `dataloader`, in the training's precision."""
         with self.autocast():
-            return compute_loss_and_accuracy(dataloader, self.forward_model, self.evaluation_criterion)
+            return compute_loss_and_accuracy(dataloader, self.forward_model, self.evaluation_criterion, tta_level)
 
     def validation_step(self):
         """Evaluate on the whole validation set, record it, checkpoint, and print one line."""
@@ -156,6 +267,8 @@ class Trainer:
             for step_in_epoch, (images, labels) in enumerate(self.dataloader_train, start=1):
                 loss, accuracy = self.train_step(images, labels)
                 self.global_step += 1
+                if self.lookahead is not None:
+                    self.lookahead.after_step(self.model, self.global_step, step_in_epoch == self.steps_per_epoch)
                 pending.append((self.global_step, loss, accuracy))
                 progress.update()
                 if step_in_epoch % 25 == 0 and not progress.disable:  # a sync now and then, not every step
@@ -191,26 +304,37 @@ class Trainer:
             self.train_history["accuracy"][step] = accuracy
 
     def evaluate(self):
-        """Loss and accuracy of the model over the whole train (unaugmented), validation and test sets."""
+        """Loss and accuracy of the model over the whole train (unaugmented), validation and test sets;
+        with test-time augmentation, also `val_` and `test_` `loss_tta` and `accuracy_tta`."""
         results = {}
         splits = dict(train=self.dataloader_train.evaluation_view(self.dataloader_val.batch_size),
                       val=self.dataloader_val, test=self.dataloader_test)
         for split, loader in splits.items():
             loss, accuracy = self.evaluate_on(loader)
             results[f"{split}_loss"], results[f"{split}_accuracy"] = loss, accuracy
+            if self.tta_level and split != "train":
+                loss, accuracy = self.evaluate_on(loader, self.tta_level)
+                results[f"{split}_loss_tta"], results[f"{split}_accuracy_tta"] = loss, accuracy
         return results
 
     def print_final(self):
         """The table of Task 2b: loss and accuracy of the best model on each split."""
         print(f"\nbest model: step {self.best_step} (epoch {self.best_step / self.steps_per_epoch:.2f})")
-        print(f"{'':12}{'loss':>8}{'accuracy':>10}")
-        for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
-            print(f"{label:12}{self.final[split + '_loss']:8.3f}{self.final[split + '_accuracy']:10.3f}")
+        rows = [("train", "train"), ("val", "validation"), ("test", "test")]
+        if self.tta_level:
+            rows += [("val", "validation", "_tta"), ("test", "test", "_tta")]
+        width = 12 if not self.tta_level else 26
+        print(f"{'':{width}}{'loss':>8}{'accuracy':>10}")
+        for split, label, *tta in rows:
+            suffix = tta[0] if tta else ""
+            label += f" (TTA level {self.tta_level})" if tta else ""
+            print(f"{label:{width}}{self.final[split + '_loss' + suffix]:8.3f}{self.final[split + '_accuracy' + suffix]:10.3f}")
 
     def save_model(self, filename):
         """Checkpoint the model, optimizer, step, best validation loss and settings in one dict."""
         utils.save_checkpoint(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                                    scheduler=self.scheduler.state_dict() if self.scheduler else None,
+                                   lookahead=self.lookahead.state_dict() if self.lookahead else None,
                                    global_step=self.global_step, epoch=self.epoch,
                                    best_val_loss=self.best_val_loss, settings=self.settings),
                               self.checkpoint_dir / filename)
