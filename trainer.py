@@ -354,6 +354,7 @@ class Trainer:
 
         results = dict(
             name=self.name,
+            command=" ".join(["python", *sys.argv]),
             final=self.final,
             best_step=self.best_step,
             steps=self.global_step,
@@ -361,6 +362,8 @@ class Trainer:
             epochs_run=self.global_step / self.steps_per_epoch,
             stopped_early=stopped_early,
             settings=self.settings,
+            dataset_sizes=dict(train=self.dataloader_train.num_images, val=self.dataloader_val.num_images,
+                               test=self.dataloader_test.num_images),
             model=type(self.model).__name__,
             parameters=sum(p.numel() for p in self.model.parameters()),
             optimizer=dict(name=type(self.optimizer).__name__, **self.optimizer.defaults),
