@@ -103,19 +103,25 @@ class WhitenedVGG(nn.Module):
         return self.classifier(self.features(x)) * LOGIT_SCALE
 
 
-class ResidualStage(nn.Module):
-    """conv, max-pool, batch norm, GELU -> x; then x + GELU(batch norm(conv(x))): a shortcut around the second conv."""
+class Residual(nn.Module):
+    """x + block(x): a shortcut around `block`; a row of its own in the layer table, after the block's rows."""
+    table_row = True
 
-    def __init__(self, channels_in, channels_out):
+    def __init__(self, block):
         super().__init__()
-        self.down = nn.Sequential(conv3x3(channels_in, channels_out, identity_init=False), nn.MaxPool2d(2),
-                                  BatchNorm(channels_out), nn.GELU())
-        self.residual = nn.Sequential(conv3x3(channels_out, channels_out, identity_init=False),
-                                      BatchNorm(channels_out), nn.GELU())
+        self.block = block
 
     def forward(self, x):
-        x = self.down(x)
-        return x + self.residual(x)
+        return x + self.block(x)
+
+
+def residual_stage(channels_in, channels_out):
+    """conv, max-pool, batch norm, GELU; then a shortcut around conv, batch norm, GELU."""
+    return nn.Sequential(
+        conv3x3(channels_in, channels_out, identity_init=False), nn.MaxPool2d(2), BatchNorm(channels_out), nn.GELU(),
+        Residual(nn.Sequential(conv3x3(channels_out, channels_out, identity_init=False),
+                               BatchNorm(channels_out), nn.GELU())),
+    )
 
 
 class WhitenedResNet(nn.Module):
@@ -129,9 +135,9 @@ class WhitenedResNet(nn.Module):
         self.features = nn.Sequential(
             self.whiten,                                                          # [B, 24, 31, 31]
             nn.GELU(),
-            ResidualStage(c0, c1),                                                # [B, 32, 15, 15]
-            ResidualStage(c1, c2),                                                # [B, 128, 7, 7]
-            ResidualStage(c2, c3),                                                # [B, 128, 3, 3]
+            residual_stage(c0, c1),                                               # [B, 32, 15, 15]
+            residual_stage(c1, c2),                                               # [B, 128, 7, 7]
+            residual_stage(c2, c3),                                               # [B, 128, 3, 3]
             nn.MaxPool2d(3),                                                      # [B, 128, 1, 1]
         )
         self.classifier = nn.Sequential(

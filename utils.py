@@ -285,8 +285,10 @@ def layer_rows(model, input_shape=(1, 3, 32, 32)):
         rows.append((type(module).__name__, size, geometry, "x".join(map(str, output.shape[1:])),
                      sum(p.numel() for p in module.parameters(recurse=False))))
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(describe) for m in leaves]
+    # Leaves, and containers that ask for a row of their own (a residual addition, say): a forward hook
+    # fires when a module's forward ends, so a container's row follows the rows of its contents.
+    rows_of = [m for m in model.modules() if not list(m.children()) or getattr(m, "table_row", False)]
+    handles = [m.register_forward_hook(describe) for m in rows_of]
     was_training = model.training
     model.eval()  # no batch-norm statistics change for a summary
     try:

@@ -162,6 +162,40 @@ def test_random_crop_and_flip_match_a_per_image_crop_then_flip():
     assert torch.equal(out[1], images[1].flip(2))  # no shift, mirrored
 
 
+def test_reflected_translation_moves_images_and_keeps_labels_and_shapes(pickled_dir):
+    plain = load(pickled_dir, batch_size=360, seed=3)[0]
+    moved = load(pickled_dir, batch_size=360, seed=3, augment=True, crop_padding=2, padding_mode="reflect")[0]
+    (x, y), (xm, ym) = next(iter(plain)), next(iter(moved))
+    assert torch.equal(y, ym) and xm.shape == x.shape
+    assert (xm != x).flatten(1).any(1).float().mean().item() > 0.9
+    # Each image is its reflect-padded self, cropped: its own pixels mirrored at the border, no black edge.
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    shifts, flips = torch.tensor([[0, 4], [2, 2], [4, 0], [1, 3]]), torch.tensor([False, True, False, True])
+    out = dataloaders.random_crop_and_flip(images, shifts, flips, 2, "reflect")
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        crop = padded[i, :, dy:dy + 8, dx:dx + 8]
+        assert torch.equal(out[i], crop.flip(2) if flips[i] else crop)
+    assert torch.equal(out[0, :, 2:, :6], images[0, :, :6, 2:])  # content moved down 2 rows, left 2 columns
+    assert torch.equal(out[0, :, 0, :6], images[0, :, 2, 2:])  # the top row mirrors row 2 of the image
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    loader = dataloaders.DeviceLoader(images, torch.arange(64), 64, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                      shuffle=True, augment=True, crop_padding=0, flip="alternate", seed=1)
+    as_input = loader.to_model_input(images.clone())
+    flipped = []
+    for _ in range(4):
+        x, y = next(iter(loader))
+        mirrored = torch.tensor([torch.equal(x[i], as_input[y[i]].flip(-1)) for i in range(64)])
+        assert torch.equal(~mirrored, torch.tensor([torch.equal(x[i], as_input[y[i]]) for i in range(64)]))
+        flipped.append(mirrored[y.argsort()])
+    assert 0.2 < flipped[0].float().mean() < 0.8  # a coin per image in the first epoch
+    assert torch.equal(flipped[1], ~flipped[0]) and torch.equal(flipped[2], flipped[0])
+    assert torch.equal(flipped[3], ~flipped[0])
+
+
 def test_a_broken_cache_is_rebuilt(tmp_path, tiny_arrays):
     from conftest import write_image_folder
 

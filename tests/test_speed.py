@@ -50,7 +50,9 @@ def compile_spy(monkeypatch):
 
 def test_speed_defaults_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert utils.speed_options(flags(), cpu) == dict(autocast_dtype=None, channels_last=False, compile_model=False)
+    assert utils.speed_options(flags(), cpu) == dict(autocast_dtype=None, channels_last=True, compile_model=False)
+    assert utils.speed_options(flags(no_channels_last=True), cpu)["channels_last"] is False
+    assert utils.speed_options(flags(), torch.device("mps"))["channels_last"] is False
     assert utils.speed_options(flags(compile=True), cpu)["compile_model"] is True
     # An Ampere-or-later GPU computes bfloat16 natively; a T4 only emulates it, so it gets float16.
     native = {"value": True}

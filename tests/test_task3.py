@@ -9,15 +9,46 @@ import task3
 import utils
 
 
-@pytest.mark.parametrize("name, parameters", [("vgg", 1_148_874), ("resnet", 6_573_120)])
-def test_models_give_logits_and_the_parameters_their_tables_state(name, parameters):
+@pytest.mark.parametrize("name, parameters, frozen", [("vgg", 1_972_792, 1_440), ("resnet", 498_104, 864)])
+def test_models_give_logits_and_the_parameters_their_tables_state(name, parameters, frozen):
     model = task3.MODELS[name]()
     assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     assert sum(p.numel() for p in model.parameters()) == parameters
+    # Fixed: the whitening filters (24 x 3 x 2 x 2) and every batch-norm scale.
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == frozen
     assert utils.layer_table(model).splitlines()[-1].endswith(f"| total |  |  |  | {parameters:,} |")
-    plain = task3.MODELS[name](batch_norm=False)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
-    assert all(m.bias is not None for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    learnt_first_layer = task3.MODELS[name](whitening=False)
+    assert learnt_first_layer.whiten.weight.requires_grad
+
+
+def test_the_residual_model_adds_its_shortcuts_and_its_table_shows_them():
+    model = task3.MODELS["resnet"]()
+    rows = utils.layer_rows(model)
+    assert [r[3] for r in rows if r[0] == "Residual"] == ["32x15x15", "128x7x7", "128x3x3"]
+    shortcut = next(m for m in model.modules() if isinstance(m, task3.Residual))
+    x = torch.randn(2, 32, 15, 15)
+    assert torch.allclose(shortcut(x), x + shortcut.block(x))
+
+
+def test_vgg_convs_start_as_identity_on_their_input_channels():
+    conv = next(m for m in task3.MODELS["vgg"]().modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    x = torch.randn(1, conv.in_channels, 9, 9)
+    assert torch.allclose(conv(x)[:, :conv.in_channels], x)
+
+
+def test_the_whitening_layer_whitens_the_patches_it_was_fitted_on():
+    torch.manual_seed(0)
+    # Correlated colour channels, smooth in space: far from white.
+    base = torch.randn(200, 1, 16, 16).cumsum(-1).cumsum(-2) / 10
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), 0.3 * torch.randn_like(base) - base], dim=1)
+    layer = task3.Whitening()
+    layer.fit(images, eps=0.0)
+    with torch.no_grad():
+        out = layer(images)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()  # the first 12: the whitening filters
+    covariance = out.T @ out / len(out)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(layer.weight[12:], -layer.weight[:12]) and not layer.weight.requires_grad
+    assert torch.equal(layer.bias, torch.zeros(24))
 
 
 def test_the_layer_table_of_the_task2_model_is_table_2():
@@ -31,49 +62,82 @@ def test_the_layer_table_of_the_task2_model_is_table_2():
     assert [r[0] for r in rows].count("ReLU") == 4 and sum(r[4] for r in rows) == 390_410
 
 
-def test_one_cycle_rises_then_falls_to_zero():
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
-    scheduler = task3.one_cycle(optimizer, total_steps=100, warmup_fraction=0.2)
-    rates = []
-    for _ in range(100):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert rates[0] == 0 and rates[20] == pytest.approx(0.4) and rates[10] == pytest.approx(0.2)
-    assert rates[60] == pytest.approx(0.2) and rates[-1] == pytest.approx(0.4 * 1 / 80)
-    assert max(rates) == pytest.approx(0.4) and optimizer.param_groups[0]["lr"] == 0
-
-
 def test_a_short_run_learns_and_writes_tables_and_plots(tmp_path, monkeypatch, pickled_dir):
     monkeypatch.chdir(tmp_path)
-    task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--epochs", "3", "--batch-size", "32",
-                "--lr", "0.05", "--seeds", "0", "1", "--device", "cpu"])
-    runs = [json.loads((tmp_path / f"results/task3_vgg_seed{s}.json").read_text()) for s in (0, 1)]
+    task3.main(["--data-dir", str(pickled_dir), "--model", "resnet", "--epochs", "4", "--batch-size", "32",
+                "--seeds", "0", "1", "--device", "cpu"])
+    runs = [json.loads((tmp_path / f"results/task3_resnet_seed{s}.json").read_text()) for s in (0, 1)]
     for run in runs:
         losses = list(run["train_history"]["loss"].values())
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
         assert run["final"]["val_accuracy"] > 0.3  # ten easy classes: chance is 0.1
-        assert run["settings"]["augmentation"] is True and run["optimizer"]["nesterov"] is True
-        assert "label smoothing 0.2" in run["loss"]
+        assert run["settings"]["augmentation"] is True and run["settings"]["flip"] == "alternate"
+        assert run["settings"]["lookahead"] is True and run["settings"]["tta_level"] == 2
+        assert run["optimizer"]["nesterov"] is True and "label smoothing 0.2" in run["loss"]
+        assert {"test_accuracy_tta", "val_accuracy_tta", "test_loss_tta"} <= set(run["final"])
+        assert run["dataset_sizes"] == dict(train=360, val=40, test=100) and run["command"].startswith("python")
     assert runs[0]["final"] != runs[1]["final"]  # the seeds differ
     summary = (tmp_path / "results/task3_summary.md").read_text()
     accuracies = [r["final"]["test_accuracy"] for r in runs]
-    assert f"{sum(accuracies) / 2:.3f} ± " in summary and "| vgg | 0, 1 |" in summary
-    assert "| total |  |  |  | 1,148,874 |" in (tmp_path / "results/task3_vgg_layers.md").read_text()
-    assert (tmp_path / "plots/task3_vgg_seed1_plot.png").is_file()
+    assert f"{sum(accuracies) / 2:.3f} ± " in summary and "| resnet | 0, 1 |" in summary
+    assert "| total |  |  |  | 498,104 |" in (tmp_path / "results/task3_resnet_layers.md").read_text()
+    assert (tmp_path / "plots/task3_resnet_seed1_plot.png").is_file()
+
+
+def test_the_recipe_reaches_the_optimizer(pickled_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
+    args = ["--data-dir", str(pickled_dir), "--model", "vgg", "--batch-size", "64", "--device", "cpu"]
+    task3.main(args)
+    trainer = seen["trainer"]
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    lr = 1.5 * 64 / 1024  # the default rate per 1024 images, for a batch of 64
+    assert groups["other"]["lr"] == pytest.approx(lr * 0.2)  # the schedule starts at 0.2 of the peak
+    assert groups["norm biases"]["lr"] == pytest.approx(64 * lr * 0.2)
+    for group in groups.values():  # decoupled weight decay: the same fraction removed per step in every group
+        assert group["weight_decay"] * group["initial_lr"] == pytest.approx(2e-3 * 64 / 1024)
+    assert trainer.optimizer.defaults["nesterov"] and trainer.optimizer.defaults["momentum"] == 0.85
+    assert trainer.lookahead.every == 80 and trainer.lookahead.start_step == 3 * trainer.steps_per_epoch
+    # The whitening bias trains for --whiten-bias-epochs, then its rate is zero.
+    scheduler, whiten = trainer.scheduler, groups["whiten.bias"]
+    for _ in range(3 * trainer.steps_per_epoch):
+        assert whiten["lr"] > 0
+        trainer.optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
+        scheduler.step()
+    assert whiten["lr"] == 0 and groups["other"]["lr"] > 0
 
 
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir):
     monkeypatch.chdir(tmp_path)
-    task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--ablate", "augmentation", "--epochs", "1",
-                "--batch-size", "64", "--lr", "0.05", "--device", "cpu"])
-    record = json.loads((tmp_path / "results/task3_ablation_augmentation.json").read_text())
-    assert set(record["final"]) == {"with", "without"}
-    without = json.loads((tmp_path / "results/task3_vgg_ablation_augmentation_without.json").read_text())
-    assert without["settings"]["augmentation"] is False and without["settings"]["without"] == "augmentation"
+    task3.main(["--data-dir", str(pickled_dir), "--ablate", "lookahead", "--epochs", "4",
+                "--batch-size", "64", "--device", "cpu"])
+    record = json.loads((tmp_path / "results/task3_ablation_lookahead.json").read_text())
+    assert set(record["final"]) == {"with", "without"} and record["model"] == task3.CHEAPER_MODEL
+    without = json.loads((tmp_path / "results/task3_resnet_ablation_lookahead_without.json").read_text())
+    assert without["settings"]["lookahead"] is False and without["settings"]["without"] == "lookahead"
     table = (tmp_path / "results/task3_ablation.md").read_text()
-    assert f"| augmentation | vgg | 0 | {record['final']['with']['test_accuracy']:.3f} |" in table
-    assert (tmp_path / "plots/task3_ablation_augmentation.png").stat().st_size > 20_000
+    assert f"| lookahead | resnet | 0 | {record['final']['with']['test_accuracy']:.3f} |" in table
+    assert f"| lookahead (TTA) | resnet | 0 | {record['final']['with']['test_accuracy_tta']:.3f} |" in table
+    assert (tmp_path / "plots/task3_ablation_lookahead.png").stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("technique, setting, value", [
+    ("augmentation", "augmentation", False), ("alternating_flip", "flip", "random"),
+    ("whitening", "whitening", False), ("label_smoothing", "label_smoothing", 0.0)])
+def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir, technique, setting, value):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: None)  # built, not trained
+    monkeypatch.setattr(task3, "ablate", lambda model, tech, args: seen.append(task3.train_one(model, args, 0, tech)))
+    task3.main(["--data-dir", str(pickled_dir), "--ablate", technique, "--batch-size", "64", "--device", "cpu"])
+    trainer = seen[0]
+    assert trainer.settings[setting] == value
+    loader = trainer.dataloader_train
+    assert loader.augment is (technique != "augmentation")
+    assert loader.flip == ("random" if technique == "alternating_flip" else "alternate")
+    assert trainer.model.whiten.weight.requires_grad is (technique == "whitening")
+    assert trainer.loss_criterion.label_smoothing == (0.0 if technique == "label_smoothing" else 0.2)
 
 
 def test_more_than_ten_epochs_is_refused():

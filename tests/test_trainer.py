@@ -80,10 +80,10 @@ def scripted_validation(monkeypatch, losses, snapshots):
     """Make validations return `losses` in turn (then real ones), remembering the weights at each."""
     script = iter(losses)
 
-    def fake(dataloader, model, loss_criterion):
+    def fake(dataloader, model, loss_criterion, tta_level=0):
         scripted = next(script, None) if getattr(dataloader, "_is_validation", False) else None
         if scripted is None:
-            return real(dataloader, model, loss_criterion)
+            return real(dataloader, model, loss_criterion, tta_level)
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return scripted, 0.5
 
@@ -198,3 +198,80 @@ def test_training_history_is_plain_cross_entropy_even_with_label_smoothing(tmp_p
     assert recorded.item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert recorded.item() != pytest.approx(nn.CrossEntropyLoss(label_smoothing=0.5)(logits, labels).item(), rel=1e-3)
     assert accuracy.item() == (logits.argmax(1) == labels).float().mean().item()
+
+
+def test_lookahead_follows_its_formula_step_by_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    lookahead = trainer_module.Lookahead(total_steps=20, start_step=4, every=2, decay=0.5, power=2.0)
+    average = None
+    for step in range(1, 21):
+        with torch.no_grad():  # an "optimiser step": every float entry moves
+            for value in model.state_dict().values():
+                if value.is_floating_point():
+                    value.add_(torch.randn_like(value))
+        before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        epoch_end = step % 10 == 0
+        lookahead.after_step(model, step, epoch_end)
+        after = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        if step < 4 or (step % 2 and average is None):
+            assert all(torch.equal(before[k], after[k]) for k in before)  # not started: untouched
+            continue
+        if step % 2 == 0:
+            if average is None:
+                average = before  # the first update only takes a copy
+            else:
+                rho = 0.5 * (step / 20) ** 2
+                average = {k: rho * average[k] + (1 - rho) * before[k] for k in before}
+            assert all(torch.allclose(after[k], average[k]) for k in before)  # the model is set to the average
+        elif epoch_end:
+            assert all(torch.allclose(after[k], average[k]) for k in before)
+        else:
+            assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "1.running_mean" in average and "1.num_batches_tracked" not in average  # statistics too, counters not
+
+
+def test_test_time_augmentation_averages_the_model_over_its_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    images = torch.randn(2, 3, 8, 8)
+    mirror = images.flip(-1)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    down_right, up_left = padded[..., :8, :8], padded[..., 2:, 2:]
+    assert torch.equal(down_right[..., 1:, 1:], images[..., :7, :7]) and torch.equal(up_left[..., :7, :7], images[..., 1:, 1:])
+    with torch.no_grad():
+        assert torch.equal(trainer_module.predict(model, images, 0), model(images))
+        level1 = (model(images) + model(mirror)) / 2
+        assert torch.allclose(trainer_module.predict(model, images, 1), level1)
+        views = [model(v) for v in (down_right, down_right.flip(-1), up_left, up_left.flip(-1))]
+        assert torch.allclose(trainer_module.predict(model, images, 2), level1 / 2 + sum(views) / 8, atol=1e-6)
+
+
+def test_final_evaluation_reports_test_time_augmentation_beside_the_plain_figures(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, tta_level=1)
+    final = trainer.train()
+    assert {"val_accuracy_tta", "val_loss_tta", "test_accuracy_tta", "test_loss_tta"} <= set(final)
+    expected = compute_loss_and_accuracy(trainer.dataloader_test, trainer.model, nn.CrossEntropyLoss(), tta_level=1)
+    assert (final["test_loss_tta"], final["test_accuracy_tta"]) == pytest.approx(expected)
+    assert "train_accuracy_tta" not in final and trainer.settings["tta_level"] == 1
+
+
+def test_parameter_groups_raise_norm_biases_and_decouple_weight_decay():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)
+    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, norm_bias_lr_scale=64,
+                                                                     own_groups=["0.bias"])}
+    assert [p is model[1].bias for p in groups["norm biases"]["params"]] == [True]
+    assert groups["norm biases"]["lr"] == pytest.approx(6.4)
+    assert groups["0.bias"]["params"][0] is model[0].bias
+    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].weight), id(model[2].weight), id(model[2].bias)}
+    assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.01) for g in groups.values())
+    with pytest.raises(ValueError):
+        trainer_module.parameter_groups(model, 0.1, 0.01, own_groups=["1.weight"])  # frozen: not trainable
+
+
+def test_warmup_decay_is_a_triangle():
+    factor = trainer_module.warmup_decay(100, start=0.2, peak_at=0.25, end=0.1)
+    assert factor(0) == pytest.approx(0.2) and factor(25) == pytest.approx(1.0)
+    assert factor(12.5) == pytest.approx(0.6) and factor(100) == pytest.approx(0.1)
+    assert factor(62.5) == pytest.approx(0.55) and factor(150) == pytest.approx(0.1)
