@@ -194,6 +194,7 @@ class DeviceLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs begun: the alternating flip's parity
         self.first_flips = None  # flip="alternate": the coin of each image in the first epoch
+        self.epoch_start = dict(generator=self.generator.get_state(), epoch=0, first_flips=None)
 
     @property
     def device(self):
@@ -209,6 +210,12 @@ class DeviceLoader:
         return -(-self.num_images // self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0):
+        """One epoch's batches from batch number `start` on: the epoch's random draws are made whole
+        (so an epoch resumed at `start` continues exactly as it would have), the first `start` batches skipped."""
+        self.epoch_start = dict(generator=self.generator.get_state(), epoch=self.epoch, first_flips=self.first_flips)
         n = self.num_images
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(self.device)
@@ -219,13 +226,22 @@ class DeviceLoader:
             shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
             shifts, flips = shifts.to(self.device), self.epoch_flips().to(self.device)
         self.epoch += 1
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index]
             if self.augment:
                 images = random_crop_and_flip(images, shifts[index], flips[index], self.crop_padding,
                                               self.padding_mode)
             yield self.to_model_input(images), self.labels[index]
+
+    def state_dict(self):
+        """The random state at the start of the latest epoch begun: load it, and batches(start=k)
+        serves that epoch again from batch k."""
+        return dict(self.epoch_start)
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.epoch, self.first_flips = state["epoch"], state["first_flips"]
 
     def epoch_flips(self):
         """bool [N] on the CPU: which images this epoch mirrors."""

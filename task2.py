@@ -54,7 +54,7 @@ def main(argv=()):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
     trainer = Trainer(args.batch_size, args.learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, device=device, validations_per_epoch=args.validations_per_epoch,
-                      **utils.speed_options(args, device),
+                      **utils.speed_options(args, device), **utils.checkpoint_options(args),
                       name="task2", settings=vars(args))
     trainer.train()
     create_plots(trainer, "task2", args.show)

@@ -154,8 +154,16 @@ MODELS = {"vgg": WhitenedVGG, "resnet": WhitenedResNet}
 CHEAPER_MODEL = "resnet"  # the one the ablations train
 
 
+def run_name(model_name, seed, without=None, ablation=None):
+    """A run's name: its checkpoints/ folder and results/ file."""
+    if ablation is None:
+        return f"task3_{model_name}_seed{seed}"
+    return f"task3_{model_name}_ablation_{ablation}_{'without' if without else 'with'}"
+
+
 def train_one(model_name, args, seed, without=None, name=None):
-    """Train one model with the recipe (minus the technique `without`) -> its Trainer."""
+    """Train one model with the recipe (minus the technique `without`) -> its Trainer. With --resume, a run
+    with a checkpoint continues (or, finished, is left as it is); one without starts afresh."""
     utils.set_seed(seed, args.deterministic)
     device = utils.get_device(args.device)
     loaders = dataloaders.load_cifar10(
@@ -192,12 +200,14 @@ def train_one(model_name, args, seed, without=None, name=None):
                     lr_per_batch=learning_rate, weight_decay_per_step=weight_decay,
                     weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
                                 "(PyTorch's default), VGG's with Dirac identity filters first")
+    name = name or run_name(model_name, seed)
+    resume = args.resume and (pathlib.Path("checkpoints") / name / "last.ckpt").is_file()
     trainer = Trainer(args.batch_size, learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=args.tta_level,
                       loss_criterion=nn.CrossEntropyLoss(label_smoothing=smoothing), device=device,
                       validations_per_epoch=args.validations_per_epoch,
-                      **utils.speed_options(args, device),
-                      name=name or f"task3_{model_name}_seed{seed}", settings=settings)
+                      **utils.speed_options(args, device), resume=resume,
+                      checkpoint_every_s=60 * args.checkpoint_every, name=name, settings=settings)
     trainer.train()
     return trainer
 
@@ -262,9 +272,9 @@ def write_table(table, path):
 def ablate(model_name, technique, args):
     """Train with and without `technique` (same seed); one loss graph and a results file (Tasks 3c, 3d)."""
     seed = args.seeds[0]
-    runs = {"with": train_one(model_name, args, seed, name=f"task3_{model_name}_ablation_{technique}_with"),
+    runs = {"with": train_one(model_name, args, seed, name=run_name(model_name, seed, None, technique)),
             "without": train_one(model_name, args, seed, without=technique,
-                                 name=f"task3_{model_name}_ablation_{technique}_without")}
+                                 name=run_name(model_name, seed, technique, technique))}
     fig, axes = utils.new_figure()
     ax = axes[0][0]
     for label, trainer in runs.items():
@@ -310,11 +320,18 @@ def main(argv=()):
     if args.epochs > MAX_EPOCHS:
         parser.error(f"--epochs: Task 3 allows at most {MAX_EPOCHS} epochs")
     args.seeds = args.seeds or [args.seed]
+    models = [CHEAPER_MODEL if args.model == "all" else args.model] if args.ablate else \
+        (list(MODELS) if args.model == "all" else [args.model])
+    if args.resume:
+        names = ([run_name(models[0], args.seeds[0], without, args.ablate) for without in (None, args.ablate)]
+                 if args.ablate else [run_name(m, seed) for m in models for seed in args.seeds])
+        if not any((pathlib.Path("checkpoints") / name / "last.ckpt").is_file() for name in names):
+            raise utils.UserError(f"--resume: nothing to resume at 'checkpoints/{names[0]}/last.ckpt' (nor for "
+                                  f"the other runs these flags name); leave out --resume to start")
     if args.ablate:
-        model_name = CHEAPER_MODEL if args.model == "all" else args.model
-        ablate(model_name, args.ablate, args)
+        ablate(models[0], args.ablate, args)
         return
-    for model_name in (MODELS if args.model == "all" else [args.model]):
+    for model_name in models:
         write_layer_table(model_name)
         for seed in args.seeds:
             trainer = train_one(model_name, args, seed)

@@ -116,7 +116,7 @@ def main(argv=()):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     trainer = Trainer(args.batch_size, args.learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, device=device, validations_per_epoch=args.validations_per_epoch,
-                      **utils.speed_options(args, device),
+                      **utils.speed_options(args, device), **utils.checkpoint_options(args),
                       name="task4a", settings=dict(vars(args), trainable_parameters=trainable))
     trainer.train()
     create_plots(trainer, "task4a", args.show)

@@ -2,8 +2,13 @@
 import json
 import math
 import pathlib
+import random
+import signal
 import sys
+import threading
 import time
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -137,13 +142,53 @@ class Lookahead:
     def state_dict(self):
         return dict(average=self.average)
 
-    def load_state_dict(self, state):
-        self.average = state["average"]
+    def load_state_dict(self, state, device):
+        self.average = None if state["average"] is None else {k: v.to(device) for k, v in state["average"].items()}
 
 
 def progress_bars_wanted():
     """Progress bars in a terminal or a notebook; not in log files, where they would fill the log."""
     return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def random_states():
+    """The state of every global random generator a run draws from: Python, NumPy, torch (CPU and CUDA)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_random_states(states):
+    """Set the generators to what random_states() returned."""
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (sent by a cluster's scheduler before it kills a job) only
+    set `signal_number`: training ends its step and checkpoints before it stops. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.signal_number, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def handle(self, number, frame):
+        if number == signal.SIGINT and self.signal_number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
@@ -152,6 +197,7 @@ class Trainer:
     def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
                  optimizer=None, scheduler=None, loss_criterion=None, device=None, validations_per_epoch=2,
                  autocast_dtype=None, channels_last=False, compile_model=False, lookahead=None, tta_level=0,
+                 resume=False, checkpoint_every_s=300.0,
                  name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -183,9 +229,12 @@ class Trainer:
         self.validate_after = {math.ceil(k * self.steps_per_epoch / validations_per_epoch)
                                for k in range(1, validations_per_epoch + 1)}
         self.name = name
+        self.resume = resume  # continue from last.ckpt instead of starting afresh
+        self.checkpoint_every_s = checkpoint_every_s  # training seconds between checkpoints besides validations
         self.checkpoint_dir = pathlib.Path(checkpoint_dir) / name
         self.results_path = pathlib.Path(results_dir) / f"{name}.json"
-        self.settings = dict(settings or {}, batch_size=batch_size, learning_rate=learning_rate,
+        # The run's settings; whether this session resumed it is not one (a resumed run's results are the same).
+        self.settings = dict({k: v for k, v in (settings or {}).items() if k != "resume"}, batch_size=batch_size, learning_rate=learning_rate,
                              early_stop_count=early_stop_count, epochs=epochs,
                              validations_per_epoch=validations_per_epoch,
                              precision=str(autocast_dtype or torch.float32).removeprefix("torch."),
@@ -193,12 +242,16 @@ class Trainer:
                              lookahead=lookahead is not None, tta_level=tta_level)
 
         self.global_step = 0  # optimisation steps taken; histories are keyed by it
-        self.epoch = 0
+        self.epoch = 0  # the epoch under way, from 0
+        self.step_in_epoch = 0  # its steps taken
         self.train_history = dict(loss={}, accuracy={})  # per step, on the training batch
         self.validation_history = dict(loss={}, accuracy={})  # per validation, on the whole set
         self.best_val_loss = math.inf
         self.best_step = None
-        self.start_time = time.perf_counter()
+        self.stopped_early = False
+        self.training_done = False  # the last step is taken; the final evaluation may still be to come
+        self.earlier_train_time = 0.0  # seconds of training before a resume
+        self.start_time = time.perf_counter()  # of this session's training
         self.final = None  # {train,val,test}_{loss,accuracy} of the best model, after train()
 
     def autocast(self):
@@ -229,6 +282,10 @@ class Trainer:
         with self.autocast():
             return compute_loss_and_accuracy(dataloader, self.forward_model, self.evaluation_criterion, tta_level)
 
+    def elapsed(self):
+        """Seconds of training so far, earlier sessions of a resumed run included."""
+        return self.earlier_train_time + time.perf_counter() - self.start_time
+
     def validation_step(self):
         """Evaluate on the whole validation set, record it, checkpoint, and print one line."""
         loss, accuracy = self.evaluate_on(self.dataloader_val)
@@ -244,7 +301,7 @@ class Trainer:
         tqdm.tqdm.write(
             f"epoch {self.global_step / self.steps_per_epoch:5.2f} | step {self.global_step:6d} | "
             f"train loss {sum(train_loss) / len(train_loss):.3f} | val loss {loss:.3f} | "
-            f"val acc {accuracy:.3f}{' *' if improved else ''} | {time.perf_counter() - self.start_time:6.1f} s")
+            f"val acc {accuracy:.3f}{' *' if improved else ''} | {self.elapsed():6.1f} s")
 
     def should_early_stop(self):
         """The starter's rule: stop when the oldest of the last `early_stop_count` validation losses is the lowest."""
@@ -255,44 +312,81 @@ class Trainer:
         return recent[0] == min(recent)
 
     def train(self):
-        """Train until `epochs` or an early stop; then evaluate the best model on every split and save results."""
+        """Train until `epochs` or an early stop; then evaluate the best model on every split and save results.
+
+        With resume=True, first restore the run from last.ckpt and continue it exactly where it stopped;
+        a run whose results are saved already is left as it is. SIGINT (Ctrl-C) and SIGTERM end the current
+        step, save a checkpoint and raise utils.TrainingInterrupted.
+        """
+        if self.resume:
+            last = self.checkpoint_dir / "last.ckpt"
+            if not last.is_file():
+                raise utils.UserError(f"--resume: nothing to resume at '{last}'; leave out --resume to start the run")
+            self.restore(utils.load_checkpoint(last, "cpu"))
+            if self.training_done and self.results_path.is_file():
+                self.final = json.loads(self.results_path.read_text())["final"]
+                print(f"{self.name}: finished already; its results are in '{self.results_path}' (nothing changed)")
+                return self.final
         self.start_time = time.perf_counter()
-        self.model.train()
-        stopped_early = False
-        for self.epoch in range(self.epochs):
-            pending = []  # (step, loss, accuracy) on the device until the next validation
-            progress = tqdm.tqdm(total=self.steps_per_epoch, unit="batch", leave=False,
-                                 desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                                 disable=not progress_bars_wanted())
-            for step_in_epoch, (images, labels) in enumerate(self.dataloader_train, start=1):
-                loss, accuracy = self.train_step(images, labels)
-                self.global_step += 1
-                if self.lookahead is not None:
-                    self.lookahead.after_step(self.model, self.global_step, step_in_epoch == self.steps_per_epoch)
-                pending.append((self.global_step, loss, accuracy))
-                progress.update()
-                if step_in_epoch % 25 == 0 and not progress.disable:  # a sync now and then, not every step
-                    rate = progress.format_dict["rate"] or 0
-                    progress.set_postfix_str(f"loss {loss.item():.3f}, {rate * self.batch_size:,.0f} img/s")
-                if step_in_epoch in self.validate_after:
-                    self.record_train_history(pending)
-                    pending = []
-                    self.validation_step()
-                    if self.should_early_stop():
-                        stopped_early = True
-                        break
-            progress.close()
-            if stopped_early:
-                tqdm.tqdm.write(f"early stop: no lower validation loss in the last "
-                                f"{self.early_stop_count - 1} validations")
-                break
-        self.train_time = time.perf_counter() - self.start_time
+        if not self.training_done:
+            self.model.train()
+            with StopSignals() as stop:
+                self.run_epochs(stop)
+            self.training_done = True
+            self.save_model("last.ckpt")
+        self.train_time = self.elapsed()
 
         self.load_best_model()
         self.final = self.evaluate()
         self.print_final()
-        self.save_results(stopped_early)
+        self.save_results()
         return self.final
+
+    def run_epochs(self, stop):
+        """The training loop, from the position in self.epoch and self.step_in_epoch to the end or an early stop."""
+        last_save = time.perf_counter()
+        if self.should_early_stop():  # resumed right after the validation that decided it
+            self.stopped_early = True
+            return
+        for self.epoch in range(self.epoch, self.epochs):
+            start, pending = self.step_in_epoch, []  # pending: (step, loss, accuracy) on the device
+            progress = tqdm.tqdm(total=self.steps_per_epoch, initial=start, unit="batch", leave=False,
+                                 desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not progress_bars_wanted())
+            for self.step_in_epoch, (images, labels) in enumerate(self.dataloader_train.batches(start), start + 1):
+                loss, accuracy = self.train_step(images, labels)
+                self.global_step += 1
+                if self.lookahead is not None:
+                    self.lookahead.after_step(self.model, self.global_step, self.step_in_epoch == self.steps_per_epoch)
+                pending.append((self.global_step, loss, accuracy))
+                progress.update()
+                if self.step_in_epoch % 25 == 0 and not progress.disable:  # a sync now and then, not every step
+                    rate = progress.format_dict["rate"] or 0
+                    progress.set_postfix_str(f"loss {loss.item():.3f}, {rate * self.batch_size:,.0f} img/s")
+                if self.step_in_epoch in self.validate_after:
+                    self.record_train_history(pending)
+                    pending = []
+                    self.validation_step()  # checkpoints too
+                    last_save = time.perf_counter()
+                    if self.should_early_stop():
+                        self.stopped_early = True
+                        tqdm.tqdm.write(f"early stop: no lower validation loss in the last "
+                                        f"{self.early_stop_count - 1} validations")
+                        break
+                elif stop.signal_number or time.perf_counter() - last_save > self.checkpoint_every_s:
+                    self.record_train_history(pending)
+                    pending = []
+                    self.save_model("last.ckpt")
+                    last_save = time.perf_counter()
+                if stop.signal_number:
+                    progress.close()
+                    raise utils.TrainingInterrupted(
+                        f"{signal.Signals(stop.signal_number).name} at step {self.global_step} (epoch "
+                        f"{self.global_step / self.steps_per_epoch:.2f}): saved '{self.checkpoint_dir / 'last.ckpt'}'",
+                        stop.signal_number)
+            progress.close()
+            if self.stopped_early:
+                break
+            self.step_in_epoch = 0
 
     def record_train_history(self, pending):
         """Move the pending per-step device tensors into the history as floats, with one sync."""
@@ -331,13 +425,50 @@ class Trainer:
             print(f"{label:{width}}{self.final[split + '_loss' + suffix]:8.3f}{self.final[split + '_accuracy' + suffix]:10.3f}")
 
     def save_model(self, filename):
-        """Checkpoint the model, optimizer, step, best validation loss and settings in one dict."""
-        utils.save_checkpoint(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                                   scheduler=self.scheduler.state_dict() if self.scheduler else None,
-                                   lookahead=self.lookahead.state_dict() if self.lookahead else None,
-                                   global_step=self.global_step, epoch=self.epoch,
-                                   best_val_loss=self.best_val_loss, settings=self.settings),
-                              self.checkpoint_dir / filename)
+        """Checkpoint everything that decides the rest of the run, in one dict: model, optimizer, scheduler,
+        gradient scaler, averaged weights, random generators, the loader's epoch, position, histories."""
+        utils.save_checkpoint(dict(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler else None,
+            grad_scaler=self.grad_scaler.state_dict(),
+            lookahead=self.lookahead.state_dict() if self.lookahead else None,
+            rng=random_states(), train_loader=self.dataloader_train.state_dict(),
+            global_step=self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            train_history=self.train_history, validation_history=self.validation_history,
+            best_val_loss=self.best_val_loss, best_step=self.best_step, stopped_early=self.stopped_early,
+            training_done=self.training_done, train_time_s=self.elapsed(), settings=self.settings,
+        ), self.checkpoint_dir / filename)
+
+    def restore(self, checkpoint):
+        """Continue the run saved in `checkpoint` (a last.ckpt); refuse one made with other settings."""
+        path = self.checkpoint_dir / "last.ckpt"
+        if "rng" not in checkpoint:
+            raise utils.UserError(f"--resume: '{path}' was written before runs could be resumed; "
+                                  f"start again without --resume")
+        saved = checkpoint["settings"]
+        differ = [f"{key} {saved.get(key, '(unset)')!r} in the checkpoint, {self.settings.get(key, '(unset)')!r} now"
+                  for key in sorted((set(saved) | set(self.settings)) - utils.RESUME_MAY_CHANGE)
+                  if saved.get(key) != self.settings.get(key)]
+        if differ:
+            raise utils.UserError(f"--resume: '{path}' is a run with other settings: {'; '.join(differ)}. "
+                                  f"Use the checkpoint's values, or leave out --resume to start afresh")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["grad_scaler"]:  # empty when saved where float16 was off (another device, say)
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(checkpoint["lookahead"], self.device)
+        self.dataloader_train.load_state_dict(checkpoint["train_loader"])
+        set_random_states(checkpoint["rng"])
+        for key in ("global_step", "epoch", "step_in_epoch", "best_val_loss", "best_step", "stopped_early",
+                    "training_done", "train_history", "validation_history"):
+            setattr(self, key, checkpoint[key])
+        self.earlier_train_time = checkpoint["train_time_s"]
+        if not self.training_done:
+            print(f"{self.name}: resuming at step {self.global_step} (epoch "
+                  f"{self.global_step / self.steps_per_epoch:.2f}) from '{path}'")
 
     def load_best_model(self):
         """Load the weights with the lowest validation loss from best.ckpt into the model."""
@@ -347,7 +478,7 @@ class Trainer:
         checkpoint = utils.load_checkpoint(self.checkpoint_dir / "best.ckpt", self.device)
         self.model.load_state_dict(checkpoint["model"])
 
-    def save_results(self, stopped_early):
+    def save_results(self):
         """Write results/<name>.json: final figures, histories, settings, device and wall time."""
         def history(h):
             return {key: {str(step): value for step, value in values.items()} for key, values in h.items()}
@@ -360,7 +491,7 @@ class Trainer:
             steps=self.global_step,
             steps_per_epoch=self.steps_per_epoch,
             epochs_run=self.global_step / self.steps_per_epoch,
-            stopped_early=stopped_early,
+            stopped_early=self.stopped_early,
             settings=self.settings,
             dataset_sizes=dict(train=self.dataloader_train.num_images, val=self.dataloader_val.num_images,
                                test=self.dataloader_test.num_images),
@@ -373,7 +504,7 @@ class Trainer:
             device=utils.describe_device(self.device),
             torch_version=torch.__version__,
             train_time_s=self.train_time,
-            wall_time_s=time.perf_counter() - self.start_time,
+            wall_time_s=self.elapsed(),
             train_history=history(self.train_history),
             validation_history=history(self.validation_history),
         )

@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import random
+import shlex
 import socket
 import sys
 
@@ -17,13 +18,31 @@ class UserError(Exception):
     """A mistake the user can fix; the message says how. Scripts print it on one line and exit 1."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (SIGINT: Ctrl-C; SIGTERM: a cluster's scheduler) after saving a
+    checkpoint it can resume from."""
+
+    def __init__(self, message, signal_number):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+def resume_command(argv):
+    """The shell command that continues the run started by `python <argv>`."""
+    return shlex.join(["python", *argv] + ([] if "--resume" in argv else ["--resume"]))
+
+
 def run_cli(main):
-    """Call `main(sys.argv[1:])`; a UserError becomes a one-line message and exit code 1."""
+    """Call `main(sys.argv[1:])`; a UserError becomes a one-line message and exit code 1, an interrupted
+    training a line with the command that resumes it and exit code 128 + the signal's number."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (a cluster job's) line by line
     try:
         main(sys.argv[1:])
     except UserError as error:
         sys.exit(f"error: {error}")
+    except TrainingInterrupted as error:
+        print(f"{error}; resume with: {resume_command(sys.argv)}", file=sys.stderr)
+        sys.exit(128 + error.signal_number)
     except KeyboardInterrupt:
         print("interrupted: the checkpoints saved so far are kept", file=sys.stderr)
         sys.exit(130)
@@ -81,7 +100,22 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model: faster steps after a start-up that may take minutes")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this run (the one the other flags name) from checkpoints/<name>/last.ckpt, "
+                             "exactly where it stopped")
+    parser.add_argument("--checkpoint-every", type=positive_float, default=5.0,
+                        help="minutes of training between resumable checkpoints (besides one at every validation)")
     return parser
+
+
+# Settings that say where and how fast a run goes, not what it computes: --resume may change them.
+RESUME_MAY_CHANGE = {"device", "show", "resume", "checkpoint_every", "no_autocast", "no_channels_last", "compile",
+                     "precision", "channels_last", "compiled", "seeds"}
+
+
+def checkpoint_options(args):
+    """The Trainer's checkpoint keywords from the command line."""
+    return dict(resume=args.resume, checkpoint_every_s=60 * args.checkpoint_every)
 
 
 def speed_options(args, device):

@@ -59,7 +59,7 @@ def test_report_from_nothing_names_the_commands(tmp_path):
         assert f"run `{command}`" in markdown
     for question in ("1a", "1g", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4a", "4b", "4c"):
         assert f"Task {question}" in markdown
-    assert markdown.count("> **TO WRITE:**") == 5 and "390,410" in markdown and "6,573,120" in markdown
+    assert markdown.count("> **TO WRITE:**") == 5 and "390,410" in markdown and "1,972,792" in markdown
     assert (tmp_path / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
     assert any(block[0] == "todo" for block in blocks)
 
