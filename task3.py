@@ -197,7 +197,8 @@ def train_one(model_name, args, seed, without=None, name=None):
                     flip="random" if without == "alternating_flip" else "alternate",
                     whitening=without != "whitening", label_smoothing=smoothing,
                     schedule="triangular: x0.2 -> x1 at 23 % of the steps -> x0.07 at the end",
-                    lr_per_batch=learning_rate, weight_decay_per_step=weight_decay,
+                    lr_per_1024_images=args.learning_rate, weight_decay_per_1024_images=args.weight_decay,
+                    weight_decay_per_step=weight_decay,  # learning_rate (below): the rate for this batch size
                     weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
                                 "(PyTorch's default), VGG's with Dirac identity filters first")
     name = name or run_name(model_name, seed)
