@@ -42,7 +42,7 @@ def settings_table(results):
     rows = [["optimizer", f"{optimizer['name']} ({shown})"],
             ["loss", results["loss"]], ["model", f"{results['model']} ({results['parameters']:,} parameters)"]]
     rows += [[key, str(value)] for key, value in results["settings"].items()
-             if key not in ("show", "data_dir", "device")]
+             if key not in ("show", "data_dir", "device", "checkpoint_every")]
     rows += [["epochs run", f"{results['epochs_run']:.2f} (best model at step {results['best_step']})"],
              ["device", results["device"]], ["wall time", f"{results['wall_time_s'] / 60:.1f} min"]]
     return ("table", ["setting", "value"], rows)
