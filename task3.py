@@ -53,7 +53,7 @@ def conv3x3(channels_in, channels_out, identity_init=True):
 
 class Whitening(nn.Conv2d):
     """2x2 conv, no padding, 24 filters: 12 that decorrelate the 12 values of each 2x2 RGB patch and
-    scale each principal direction to unit variance (ZCA-like, fitted once by `fit`), and their negatives,
+    scale each principal direction to unit variance (PCA whitening, fitted once by `fit`), and their negatives,
     so that the GELU after it passes both signs. Its weights are fixed; only its bias trains.
     Page, "How to train your ResNet 8", https://myrtle.ai/learn/how-to-train-your-resnet-8-bag-of-tricks/."""
 
