@@ -8,6 +8,7 @@ you write yourself. A task without a run says so and names the command that make
 import argparse
 import datetime
 import json
+import os
 import pathlib
 
 import task1
@@ -161,11 +162,20 @@ def to_markdown(blocks, output_dir):
             lines += [utils.markdown_table(block[1], block[2]), ""]
         elif kind == "image":
             _, path, caption = block
-            relative = pathlib.Path(path).resolve().relative_to(pathlib.Path(output_dir).resolve().parent)
-            lines += [f"![{caption}](../{relative.as_posix()})", "", f"*{caption}*", ""]
+            lines += [f"![{caption}]({image_link(path, output_dir)})", "", f"*{caption}*", ""]
         elif kind == "todo":
             lines += [f"> **TO WRITE:** {block[1]}", ""]
     return "\n".join(lines)
+
+
+def image_link(path, output_dir):
+    """The image's path as the Markdown file in output_dir reaches it: relative where one exists
+    (plots/ beside report/, or anywhere on the same drive), else absolute (another Windows drive)."""
+    path = pathlib.Path(path).resolve()
+    try:
+        return pathlib.Path(os.path.relpath(path, pathlib.Path(output_dir).resolve())).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def latin1(text):

@@ -115,3 +115,11 @@ def test_zip_never_asks_without_a_terminal_and_keeps_nothing_half_written(tmp_pa
         create_submission_zip.main([])
     assert (tmp_path / "assignment_code.zip").read_bytes() == b"an older zip"
     assert [p.name for p in tmp_path.iterdir()] == ["assignment_code.zip"]
+
+
+def test_report_image_links_reach_the_plots_from_any_output_folder(tmp_path):
+    plot = tmp_path / "runs" / "plots" / "task2_plot.png"
+    for output_dir in (tmp_path / "runs" / "report", tmp_path / "elsewhere" / "deeper"):
+        link = report.image_link(plot, output_dir)
+        assert not Path(link).is_absolute() and (output_dir / link).resolve() == plot.resolve()
+    assert report.image_link(plot, tmp_path / "runs" / "report") == "../plots/task2_plot.png"
