@@ -303,16 +303,16 @@ def main(argv=()):
     parser.add_argument("--ablate", choices=TECHNIQUES, default=None,
                         help=f"train with and without this technique and compare (model: --model, "
                              f"default {CHEAPER_MODEL})")
-    parser.add_argument("--momentum", type=float, default=0.85, help="SGD's Nesterov momentum")
-    parser.add_argument("--weight-decay", type=float, default=2e-3,
+    parser.add_argument("--momentum", type=utils.fraction, default=0.85, help="SGD's Nesterov momentum")
+    parser.add_argument("--weight-decay", type=utils.non_negative_float, default=2e-3,
                         help="fraction of each weight removed per step of 1024 images, whatever the "
                              "learning rate (scaled with --batch-size, like --lr)")
     parser.add_argument("--bias-lr-scale", type=utils.positive_float, default=64.0,
                         help="batch-norm shifts train at this multiple of --lr")
-    parser.add_argument("--whiten-bias-epochs", type=int, default=3,
+    parser.add_argument("--whiten-bias-epochs", type=utils.non_negative_int, default=3,
                         help="epochs the whitening layer's bias trains before it is frozen")
-    parser.add_argument("--label-smoothing", type=float, default=0.2, help="of the training loss")
-    parser.add_argument("--translate", type=int, default=2,
+    parser.add_argument("--label-smoothing", type=utils.fraction, default=0.2, help="of the training loss")
+    parser.add_argument("--translate", type=utils.non_negative_int, default=2,
                         help="largest random translation of a training image, pixels each way")
     parser.add_argument("--tta-level", type=int, choices=(0, 1, 2), default=2,
                         help="test-time augmentation reported besides the plain accuracy: 0 none, "

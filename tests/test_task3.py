@@ -140,6 +140,9 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
     assert trainer.loss_criterion.label_smoothing == (0.0 if technique == "label_smoothing" else 0.2)
 
 
-def test_more_than_ten_epochs_is_refused():
-    with pytest.raises(SystemExit):
-        task3.main(["--epochs", "11"])
+@pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
+                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"]])
+def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        task3.main(flags)
+    assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err

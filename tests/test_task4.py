@@ -91,6 +91,11 @@ def test_task4a_end_to_end_on_tiny_data(tmp_path, monkeypatch, pickled_dir, caps
     assert results["settings"]["image_size"] == 32 and results["settings"]["no_pretrained"] is True
     assert (tmp_path / "plots/task4a_plot.png").is_file()
     assert (tmp_path / "checkpoints/task4a/best.ckpt").is_file()
+    # --resume reaches task4a's Trainer: the finished run is reported and left as it is.
+    with pytest.warns(UserWarning, match="random weights"):
+        again = task4a.main(["--data-dir", str(pickled_dir), "--no-pretrained", "--image-size", "32",
+                             "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--resume"])
+    assert "task4a: finished already" in capsys.readouterr().out and again.final == trainer.final
 
 
 @pytest.fixture
