@@ -163,14 +163,17 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     assert [(row[0], row[1]) for row in tables[2]] == [("Task 2 CNN", label) for label in labels] + [
         ("Task 4a ResNet18 at 40x40", label) for label in labels]
     assert len(compile_spy.compiled) == 2 and compile_spy.calls >= 2 * (1 + 2 * 2)  # warm-up + repeats x steps
+    # The table rounds images per second to whole numbers: on a loaded machine a slow network's rate is
+    # small enough for that rounding alone to move a ratio by several per cent, so allow for it.
     for network, label, batch, rate, epoch_s, ratio, warmup_s in tables[2]:
-        assert number(epoch_s) == pytest.approx(400 / number(rate), rel=0.05, abs=0.06)  # tiny: 400 images
+        assert number(epoch_s) == pytest.approx(400 / number(rate), rel=0.05 + 0.5 / number(rate), abs=0.06)
         assert number(warmup_s) >= 0
     for first in (tables[2][0], tables[2][4]):
         assert first[5] == "1.00x"
     for row in tables[2]:
         standard = next(r for r in tables[2] if r[0] == row[0] and r[1] == "standard, float32")
-        assert number(row[5]) == pytest.approx(number(row[3]) / number(standard[3]), rel=0.05, abs=0.011)
+        rounding = 0.5 / number(row[3]) + 0.5 / number(standard[3])
+        assert number(row[5]) == pytest.approx(number(row[3]) / number(standard[3]), rel=0.05 + rounding, abs=0.011)
 
     (standard_run, our_run) = tables[3]
     assert standard_run[0].startswith("standard") and our_run[0].startswith("ours")
