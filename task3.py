@@ -11,6 +11,7 @@ convolutions run at a quarter of the resolution, batch norm with a fixed scale, 
 by 1/9. The recipe: Nesterov SGD with a per-example learning rate and decoupled weight decay,
 64x the rate for batch-norm shifts, a triangular schedule, label smoothing 0.2, Lookahead weight
 averaging, alternating flips and 2-pixel translations, and test-time flips and shifts.
+--lr and --weight-decay are per 1024 images: the rate and decay a step uses scale with --batch-size.
 Model selection uses the validation set only; the test set is evaluated once per run, at the end.
 """
 import json
