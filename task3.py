@@ -208,8 +208,8 @@ def train_one(model_name, args, seed, without=None, name=None):
                       optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=args.tta_level,
                       loss_criterion=nn.CrossEntropyLoss(label_smoothing=smoothing), device=device,
                       validations_per_epoch=args.validations_per_epoch,
-                      **utils.speed_options(args, device), resume=resume,
-                      checkpoint_every_s=60 * args.checkpoint_every, name=name, settings=settings)
+                      **utils.speed_options(args, device), **utils.checkpoint_options(args, resume),
+                      name=name, settings=settings)
     trainer.train()
     return trainer
 

@@ -137,9 +137,9 @@ RESUME_MAY_CHANGE = {"device", "show", "resume", "checkpoint_every", "no_autocas
                      "precision", "channels_last", "compiled", "seeds"}
 
 
-def checkpoint_options(args):
-    """The Trainer's checkpoint keywords from the command line."""
-    return dict(resume=args.resume, checkpoint_every_s=60 * args.checkpoint_every)
+def checkpoint_options(args, resume=None):
+    """The Trainer's checkpoint keywords from the command line; `resume` overrides --resume for one run."""
+    return dict(resume=args.resume if resume is None else resume, checkpoint_every_s=60 * args.checkpoint_every)
 
 
 def speed_options(args, device):
