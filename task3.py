@@ -155,14 +155,29 @@ MODELS = {"vgg": WhitenedVGG, "resnet": WhitenedResNet}
 CHEAPER_MODEL = "resnet"  # the one the ablations train
 
 
-def run_name(model_name, seed, without=None, ablation=None):
-    """A run's name: its checkpoints/ folder and results/ file."""
-    if ablation is None:
-        return f"task3_{model_name}_seed{seed}"
-    return f"task3_{model_name}_ablation_{ablation}_{'without' if without else 'with'}"
+def run_name(model_name, seed, without=None):
+    """A run's name: its checkpoints/ folder and results/ file. The full recipe's run is the model's run for the
+    seed, whether trained alone or as an ablation's reference."""
+    return f"task3_{model_name}_seed{seed}" if without is None else f"task3_{model_name}_without_{without}_seed{seed}"
 
 
-def train_one(model_name, args, seed, without=None, name=None):
+def run_settings(model_name, args, seed, without=None):
+    """Every setting of one run, for its results file (and the check that a saved run is this one)."""
+    # Not --ablate (it picks runs) nor --lr (the Trainer records the rate for this batch size as learning_rate).
+    return dict({key: value for key, value in vars(args).items() if key not in ("ablate", "learning_rate")},
+                model=model_name, seed=seed, without=without,
+                augmentation=without != "augmentation",
+                flip="random" if without == "alternating_flip" else "alternate",
+                whitening=without != "whitening",
+                label_smoothing=0.0 if without == "label_smoothing" else args.label_smoothing,
+                schedule="triangular: x0.2 -> x1 at 23 % of the steps -> x0.07 at the end",
+                lr_per_1024_images=args.learning_rate, weight_decay_per_1024_images=args.weight_decay,
+                weight_decay_per_step=args.weight_decay * args.batch_size / 1024,
+                weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
+                            "(PyTorch's default), VGG's with Dirac identity filters first")
+
+
+def train_one(model_name, args, seed, without=None):
     """Train one model with the recipe (minus the technique `without`) -> its Trainer. With --resume, a run
     with a checkpoint continues (or, finished, is left as it is); one without starts afresh."""
     utils.set_seed(seed, args.deterministic)
@@ -192,21 +207,12 @@ def train_one(model_name, args, seed, without=None, name=None):
     # airbench's averaging, every 5 steps of 1024 images, kept at the same number of images per update.
     lookahead = None if without == "lookahead" else Lookahead(
         total_steps, start_step=3 * steps_per_epoch, every=max(1, round(5 * 1024 / args.batch_size)))
-    smoothing = 0.0 if without == "label_smoothing" else args.label_smoothing
-    settings = dict(vars(args), model=model_name, seed=seed, without=without,
-                    augmentation=without != "augmentation",
-                    flip="random" if without == "alternating_flip" else "alternate",
-                    whitening=without != "whitening", label_smoothing=smoothing,
-                    schedule="triangular: x0.2 -> x1 at 23 % of the steps -> x0.07 at the end",
-                    lr_per_1024_images=args.learning_rate, weight_decay_per_1024_images=args.weight_decay,
-                    weight_decay_per_step=weight_decay,  # learning_rate (below): the rate for this batch size
-                    weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
-                                "(PyTorch's default), VGG's with Dirac identity filters first")
-    name = name or run_name(model_name, seed)
+    settings = run_settings(model_name, args, seed, without)
+    name = run_name(model_name, seed, without)
     resume = args.resume and (pathlib.Path("checkpoints") / name / "last.ckpt").is_file()
     trainer = Trainer(args.batch_size, learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=args.tta_level,
-                      loss_criterion=nn.CrossEntropyLoss(label_smoothing=smoothing), device=device,
+                      loss_criterion=nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"]), device=device,
                       validations_per_epoch=args.validations_per_epoch,
                       **utils.speed_options(args, device), **utils.checkpoint_options(args, resume),
                       name=name, settings=settings)
@@ -271,26 +277,51 @@ def write_table(table, path):
     print(f"\n{path}:\n{text}")
 
 
+def saved_run(name, settings, results_dir="results"):
+    """results/<name>.json if it holds a finished run with these settings (device and speed levers aside), else None."""
+    path = pathlib.Path(results_dir) / f"{name}.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    same = all(results["settings"].get(key) == value for key, value in settings.items()
+               if key not in utils.RESUME_MAY_CHANGE)
+    return results if same else None
+
+
 def ablate(model_name, technique, args):
-    """Train with and without `technique` (same seed); one loss graph and a results file (Tasks 3c, 3d)."""
+    """Compare the recipe with and without `technique`, same seed (Tasks 3c, 3d): one loss graph, one results file.
+
+    The run with it is the model's own run for the seed (results/task3_<model>_seed<N>.json): one reference
+    for every ablation, trained here only where results/ lacks it with these settings.
+    """
     seed = args.seeds[0]
-    runs = {"with": train_one(model_name, args, seed, name=run_name(model_name, seed, None, technique)),
-            "without": train_one(model_name, args, seed, without=technique,
-                                 name=run_name(model_name, seed, technique, technique))}
+    name = run_name(model_name, seed)
+    if saved_run(name, run_settings(model_name, args, seed)) is None:
+        trainer = train_one(model_name, args, seed)
+        create_plots(trainer, trainer.name, args.show)
+    else:
+        print(f"{name}: made already with these settings; 'results/{name}.json' is the run with {technique}")
+    train_one(model_name, args, seed, without=technique)
+    runs = {label: json.loads((pathlib.Path("results") / f"{run_name(model_name, seed, without)}.json").read_text())
+            for label, without in (("with", None), ("without", technique))}
     fig, axes = utils.new_figure()
     ax = axes[0][0]
-    for label, trainer in runs.items():
-        utils.plot_history(ax, trainer.train_history["loss"], f"train batches, {label} {technique}", smoothing=0.95)
-        utils.plot_history(ax, trainer.validation_history["loss"], f"validation, {label} {technique}")
+    for label, run in runs.items():
+        history = {key: {int(step): value for step, value in values.items()}
+                   for key, values in (("train", run["train_history"]["loss"]),
+                                       ("validation", run["validation_history"]["loss"]))}
+        utils.plot_history(ax, history["train"], f"train batches, {label} {technique}", smoothing=0.95)
+        utils.plot_history(ax, history["validation"], f"validation, {label} {technique}")
     ax.set_xlabel("training step (batches)")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(f"{model_name}: with and without {technique}")
-    utils.add_epoch_axis(ax, runs["with"].steps_per_epoch)
+    utils.add_epoch_axis(ax, runs["with"]["steps_per_epoch"])
     ax.grid(alpha=0.3)
     ax.legend()
     utils.save_figure(fig, f"plots/task3_ablation_{technique}.png", args.show)
-    record = {label: trainer.final for label, trainer in runs.items()}
-    utils.save_json(dict(model=model_name, technique=technique, seed=seed, final=record),
+    utils.save_json(dict(model=model_name, technique=technique, seed=seed,
+                         runs={label: run["name"] for label, run in runs.items()},
+                         final={label: run["final"] for label, run in runs.items()}),
                     f"results/task3_ablation_{technique}.json")
     write_table(ablation_table(), "results/task3_ablation.md")
 
@@ -325,7 +356,7 @@ def main(argv=()):
     models = [CHEAPER_MODEL if args.model == "all" else args.model] if args.ablate else \
         (list(MODELS) if args.model == "all" else [args.model])
     if args.resume:
-        names = ([run_name(models[0], args.seeds[0], without, args.ablate) for without in (None, args.ablate)]
+        names = ([run_name(models[0], args.seeds[0], without) for without in (None, args.ablate)]
                  if args.ablate else [run_name(m, seed) for m in models for seed in args.seeds])
         if not any((pathlib.Path("checkpoints") / name / "last.ckpt").is_file() for name in names):
             raise utils.UserError(f"--resume: nothing to resume at 'checkpoints/{names[0]}/last.ckpt' (nor for "

@@ -108,18 +108,37 @@ def test_the_recipe_reaches_the_optimizer(pickled_dir, tmp_path, monkeypatch):
     assert whiten["lr"] == 0 and groups["other"]["lr"] > 0
 
 
-def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir):
+def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
-    task3.main(["--data-dir", str(pickled_dir), "--ablate", "lookahead", "--epochs", "4",
-                "--batch-size", "64", "--device", "cpu"])
+    flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
+    task3.main([*flags, "--ablate", "lookahead"])
     record = json.loads((tmp_path / "results/task3_ablation_lookahead.json").read_text())
     assert set(record["final"]) == {"with", "without"} and record["model"] == task3.CHEAPER_MODEL
-    without = json.loads((tmp_path / "results/task3_resnet_ablation_lookahead_without.json").read_text())
+    assert record["runs"] == {"with": "task3_resnet_seed0", "without": "task3_resnet_without_lookahead_seed0"}
+    with_ = json.loads((tmp_path / "results/task3_resnet_seed0.json").read_text())
+    without = json.loads((tmp_path / "results/task3_resnet_without_lookahead_seed0.json").read_text())
+    assert with_["settings"]["lookahead"] is True and with_["settings"]["without"] is None
     assert without["settings"]["lookahead"] is False and without["settings"]["without"] == "lookahead"
+    assert record["final"] == {"with": with_["final"], "without": without["final"]}
     table = (tmp_path / "results/task3_ablation.md").read_text()
-    assert f"| lookahead | resnet | 0 | {record['final']['with']['test_accuracy']:.3f} |" in table
-    assert f"| lookahead (TTA) | resnet | 0 | {record['final']['with']['test_accuracy_tta']:.3f} |" in table
+    assert f"| lookahead | resnet | 0 | {with_['final']['test_accuracy']:.3f} | {without['final']['test_accuracy']:.3f} |" in table
+    assert f"| lookahead (TTA) | resnet | 0 | {with_['final']['test_accuracy_tta']:.3f} |" in table
     assert (tmp_path / "plots/task3_ablation_lookahead.png").stat().st_size > 20_000
+    assert (tmp_path / "plots/task3_resnet_seed0_plot.png").is_file()
+
+    # A second ablation with the same settings takes the full recipe's run as it is: one reference for all.
+    reference = tmp_path / "results/task3_resnet_seed0.json"
+    made = reference.stat().st_mtime_ns
+    capsys.readouterr()
+    task3.main([*flags, "--ablate", "label_smoothing"])
+    assert "task3_resnet_seed0: made already with these settings" in capsys.readouterr().out
+    assert reference.stat().st_mtime_ns == made
+    assert json.loads((tmp_path / "results/task3_ablation_label_smoothing.json").read_text())["final"]["with"] == with_["final"]
+    assert "| label_smoothing | resnet | 0 |" in (tmp_path / "results/task3_ablation.md").read_text()
+
+    # Other settings: the reference is trained again with them.
+    task3.main([*flags[:3], "3", *flags[4:], "--ablate", "label_smoothing"])
+    assert json.loads(reference.read_text())["settings"]["epochs"] == 3
 
 
 @pytest.mark.parametrize("technique, setting, value", [
