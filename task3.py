@@ -307,11 +307,11 @@ def ablate(model_name, technique, args):
     fig, axes = utils.new_figure()
     ax = axes[0][0]
     for label, run in runs.items():
-        history = {key: {int(step): value for step, value in values.items()}
-                   for key, values in (("train", run["train_history"]["loss"]),
-                                       ("validation", run["validation_history"]["loss"]))}
-        utils.plot_history(ax, history["train"], f"train batches, {label} {technique}", smoothing=0.95)
-        utils.plot_history(ax, history["validation"], f"validation, {label} {technique}")
+        # A results file's histories have their steps as JSON keys, strings.
+        train, validation = ({int(step): loss for step, loss in run[history]["loss"].items()}
+                             for history in ("train_history", "validation_history"))
+        utils.plot_history(ax, train, f"train batches, {label} {technique}", smoothing=0.95)
+        utils.plot_history(ax, validation, f"validation, {label} {technique}")
     ax.set_xlabel("training step (batches)")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(f"{model_name}: with and without {technique}")
