@@ -23,7 +23,7 @@ from torch import nn
 
 import dataloaders
 import utils
-from trainer import Lookahead, Trainer, parameter_groups, warmup_decay
+from trainer import Lookahead, Muon, Trainer, parameter_groups, warmup_decay
 from utils import create_plots
 
 MAX_EPOCHS = 10  # the assignment's limit
@@ -194,8 +194,14 @@ def train_one(model_name, args, seed, without=None):
     learning_rate = args.learning_rate * args.batch_size / 1024
     weight_decay = args.weight_decay * args.batch_size / 1024
     groups = parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=args.bias_lr_scale,
-                              own_groups=["whiten.bias"])
-    optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum, nesterov=True)
+                              own_groups=["whiten.bias"], filters_apart=args.optimizer == "muon")
+    if args.optimizer == "muon":  # the conv filters by Muon, the rest (biases, the linear layer) by Nesterov SGD
+        for group in groups:
+            if group["name"] == "conv filters":
+                group.update(lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=0.0, orthogonalize=True)
+        optimizer = Muon(groups, lr=learning_rate, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(loaders[0])
     total_steps = args.epochs * steps_per_epoch
     schedule = warmup_decay(total_steps, start=0.2, peak_at=0.23, end=0.07)
@@ -335,7 +341,14 @@ def main(argv=()):
     parser.add_argument("--ablate", choices=TECHNIQUES, default=None,
                         help=f"train with and without this technique and compare (model: --model, "
                              f"default {CHEAPER_MODEL})")
+    parser.add_argument("--optimizer", choices=("sgd", "muon"), default="sgd",
+                        help="sgd: Nesterov SGD for every parameter; muon: Muon for the conv filters, SGD for the rest")
     parser.add_argument("--momentum", type=utils.fraction, default=0.85, help="SGD's Nesterov momentum")
+    parser.add_argument("--muon-lr", type=utils.positive_float, default=0.03,
+                        help="with --optimizer muon: the filters' rate, the fraction of their norm an update "
+                             "moves them per step, whatever --batch-size")
+    parser.add_argument("--muon-momentum", type=utils.fraction, default=0.85,
+                        help="with --optimizer muon: the filters' Nesterov momentum")
     parser.add_argument("--weight-decay", type=utils.non_negative_float, default=2e-3,
                         help="fraction of each weight removed per step of 1024 images, whatever the "
                              "learning rate (scaled with --batch-size, like --lr)")

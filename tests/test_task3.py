@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import task2
 import task3
@@ -108,6 +109,25 @@ def test_the_recipe_reaches_the_optimizer(pickled_dir, tmp_path, monkeypatch):
     assert whiten["lr"] == 0 and groups["other"]["lr"] > 0
 
 
+def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
+    task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--batch-size", "64", "--device", "cpu",
+                "--optimizer", "muon", "--muon-lr", "0.05", "--muon-momentum", "0.6"])
+    trainer = seen["trainer"]
+    assert isinstance(trainer.optimizer, task3.Muon)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    filters = groups["conv filters"]
+    assert filters["orthogonalize"] and filters["momentum"] == 0.6 and filters["weight_decay"] == 0
+    assert filters["lr"] == pytest.approx(0.05 * 0.2)  # the same schedule as the rest
+    convs = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    assert len(convs) == 6 and {id(p) for p in filters["params"]} == {id(p) for p in convs}
+    others = [g for name, g in groups.items() if name != "conv filters"]
+    assert not any(g["orthogonalize"] for g in others) and all(g["momentum"] == 0.85 for g in others)
+    assert trainer.settings["optimizer"] == "muon" and trainer.settings["muon_lr"] == 0.05
+
+
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
     flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
@@ -160,7 +180,8 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
-                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"]])
+                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"],
+                                   ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"]])
 def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         task3.main(flags)

@@ -275,3 +275,57 @@ def test_warmup_decay_is_a_triangle():
     assert factor(0) == pytest.approx(0.2) and factor(25) == pytest.approx(1.0)
     assert factor(12.5) == pytest.approx(0.6) and factor(100) == pytest.approx(0.1)
     assert factor(62.5) == pytest.approx(0.55) and factor(150) == pytest.approx(0.1)
+
+
+def test_parameter_groups_can_put_conv_filters_apart():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, filters_apart=True)}
+    assert [p is model[0].weight for p in groups["conv filters"]["params"]] == [True]
+    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].bias), id(model[1].weight), id(model[3].weight),
+                                                          id(model[3].bias)}  # a norm's scale and a linear layer's weight too
+
+
+def test_orthogonalize_keeps_the_singular_vectors_and_sets_the_singular_values_near_one():
+    torch.manual_seed(0)
+    for rows, columns in ((8, 36), (36, 8)):
+        k = min(rows, columns)
+        u, _ = torch.linalg.qr(torch.randn(rows, k))
+        v, _ = torch.linalg.qr(torch.randn(columns, k))
+        singular_values = torch.logspace(-1, 1, k)  # two decades apart
+        result = trainer_module.orthogonalize(u @ torch.diag(singular_values) @ v.T, steps=5)
+        assert result.shape == (rows, columns)
+        inner = u.T @ result @ v  # diagonal when the singular vectors are kept
+        assert torch.allclose(inner, torch.diag(torch.diagonal(inner)), atol=1e-4)
+        assert torch.all(torch.diagonal(inner) > 0.5) and torch.all(torch.diagonal(inner) < 1.5)
+
+
+def test_muon_is_nesterov_sgd_outside_its_orthogonalised_groups():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    sgd = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
+    muon = trainer_module.Muon(models[1].parameters(), lr=0.1, momentum=0.8, weight_decay=0.01)
+    for _ in range(4):
+        images, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 2, (5,))
+        for model, optimizer in zip(models, (sgd, muon)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_muon_steps_filters_by_orthogonalised_nesterov_momentum_at_a_fixed_norm():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+    optimizer = trainer_module.Muon([weight], lr=0.1, momentum=0.5, weight_decay=0.3, orthogonalize=True)
+    buffer = torch.zeros_like(weight)
+    for _ in range(3):
+        weight.grad = torch.randn_like(weight)
+        before = weight.detach().clone()
+        optimizer.step()
+        buffer = 0.5 * buffer + weight.grad
+        update = trainer_module.orthogonalize((weight.grad + 0.5 * buffer).reshape(4, -1)).view_as(weight)
+        expected = before * 2 / before.norm() - 0.1 * update  # norm sqrt(4) rows; no weight decay here
+        assert torch.allclose(weight.detach(), expected, atol=1e-6)
+        assert not torch.allclose(update, weight.grad / weight.grad.norm() * update.norm(), atol=1e-2)  # not plain SGD
