@@ -26,40 +26,53 @@ def predict(model, images, tta_level=0):
     translation. The test-time augmentation of Keller Jordan's airbench
     (https://github.com/KellerJordan/cifar10-airbench): the views a model was trained on, averaged.
     """
+    return predict_plain_and_views(model, images, tta_level)[1]
+
+
+def predict_plain_and_views(model, images, tta_level=0):
+    """(logits of the images alone, logits averaged over the views of `tta_level` as in `predict`): the
+    image alone is one of the views, so both come from the same forward passes."""
+    plain = model(images)
     if tta_level == 0:
-        return model(images)
-
-    def with_mirror(x):
-        return 0.5 * (model(x) + model(x.flip(-1)))
-
+        return plain, plain
+    level1 = 0.5 * (plain + model(images.flip(-1)))
     if tta_level == 1:
-        return with_mirror(images)
+        return plain, level1
     h, w = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     translated = [padded[..., :h, :w], padded[..., 2:, 2:]]  # content moved down-right, up-left
-    return 0.5 * with_mirror(images) + 0.25 * sum(with_mirror(x) for x in translated)
+    return plain, 0.5 * level1 + 0.25 * sum(0.5 * (model(x) + model(x.flip(-1))) for x in translated)
 
 
 def compute_loss_and_accuracy(dataloader, model, loss_criterion, tta_level=0):
     """Average loss per image and accuracy (a fraction) of `model` over every batch of `dataloader`
     (its predictions averaged over test-time views with tta_level > 0; see predict)."""
+    return compute_plain_and_tta(dataloader, model, loss_criterion, tta_level)[1]
+
+
+def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
+    """((loss, accuracy) of the plain predictions, (loss, accuracy) of those averaged over the views of
+    `tta_level`) of `model` over every batch of `dataloader`, from one pass over the views (see
+    predict_plain_and_views); the two pairs are equal at tta_level 0."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    total_loss = torch.zeros(2, device=device)
+    correct = torch.zeros(2, device=device, dtype=torch.long)
     count = 0
     with torch.no_grad():
         for images, labels in dataloader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = predict(model, images, tta_level).float()  # float32 even under autocast: summed over many batches
-            # The criterion averages over its batch; weigh each batch by its size so that a
-            # smaller last batch counts for no more than its images.
-            total_loss += loss_criterion(logits, labels) * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
+            for i, logits in enumerate(predict_plain_and_views(model, images, tta_level)):
+                logits = logits.float()  # float32 even under autocast: summed over many batches
+                # The criterion averages over its batch; weigh each batch by its size so that a
+                # smaller last batch counts for no more than its images.
+                total_loss[i] += loss_criterion(logits, labels) * len(labels)
+                correct[i] += (logits.argmax(dim=1) == labels).sum()
             count += len(labels)
     model.train(was_training)
-    return total_loss.item() / count, correct.item() / count  # the only CPU-GPU syncs
+    losses, corrects = total_loss.tolist(), correct.tolist()  # the only CPU-GPU syncs
+    return tuple((loss / count, right / count) for loss, right in zip(losses, corrects))
 
 
 def parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=1.0, own_groups=(), filters_apart=False):
@@ -458,11 +471,12 @@ class Trainer:
         splits = dict(train=self.dataloader_train.evaluation_view(self.dataloader_val.batch_size),
                       val=self.dataloader_val, test=self.dataloader_test)
         for split, loader in splits.items():
-            loss, accuracy = self.evaluate_on(loader)
-            results[f"{split}_loss"], results[f"{split}_accuracy"] = loss, accuracy
-            if self.tta_level and split != "train":
-                loss, accuracy = self.evaluate_on(loader, self.tta_level)
-                results[f"{split}_loss_tta"], results[f"{split}_accuracy_tta"] = loss, accuracy
+            tta_level = self.tta_level if split != "train" else 0
+            with self.autocast():
+                plain, tta = compute_plain_and_tta(loader, self.forward_model, self.evaluation_criterion, tta_level)
+            results[f"{split}_loss"], results[f"{split}_accuracy"] = plain
+            if tta_level:
+                results[f"{split}_loss_tta"], results[f"{split}_accuracy_tta"] = tta
         return results
 
     def print_final(self):

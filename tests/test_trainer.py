@@ -247,6 +247,22 @@ def test_test_time_augmentation_averages_the_model_over_its_views():
         assert torch.allclose(trainer_module.predict(model, images, 2), level1 / 2 + sum(views) / 8, atol=1e-6)
 
 
+def test_plain_and_tta_figures_come_from_one_pass_over_the_views():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    batches = [(torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 4])), (torch.randn(2, 3, 8, 8), torch.tensor([2, 2]))]
+    criterion = nn.CrossEntropyLoss()
+    for level, views in ((0, 1), (1, 2), (2, 6)):
+        calls.clear()
+        plain, tta = trainer_module.compute_plain_and_tta(batches, model, criterion, level)
+        assert calls == [3] * views + [2] * views  # the image alone is computed once, for both figures
+        assert plain == pytest.approx(compute_loss_and_accuracy(batches, model, criterion))
+        assert tta == pytest.approx(compute_loss_and_accuracy(batches, model, criterion, tta_level=level))
+    assert plain != pytest.approx(tta)
+
+
 def test_final_evaluation_reports_test_time_augmentation_beside_the_plain_figures(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1, tta_level=1)
     final = trainer.train()
