@@ -91,7 +91,11 @@ def fraction(text):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default and keeps the script's docstring as written."""
+    """--help shows each flag's default (where it has one; a flag without says in its help what happens then)
+    and keeps the script's docstring as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def common_parser(prog, description, *, epochs, batch_size, learning_rate, early_stop_count, validations_per_epoch=2):
@@ -100,7 +104,8 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
     parser.add_argument("--data-dir", default="data/cifar10",
                         help="CIFAR-10 folder: torchvision's cifar-10-batches-py/ or train/<class>/ + "
                              "test/<class>/ image folders; downloaded here if absent")
-    parser.add_argument("--epochs", type=positive_int, default=epochs, help="maximum number of epochs")
+    parser.add_argument("--epochs", type=positive_int, default=epochs,
+                        help="maximum number of epochs" + ("" if epochs else " (default: each model's recipe)"))
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
     parser.add_argument("--lr", dest="learning_rate", type=positive_float, default=learning_rate,
                         help="learning rate")

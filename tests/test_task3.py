@@ -128,6 +128,20 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, mon
     assert trainer.settings["optimizer"] == "muon" and trainer.settings["muon_lr"] == 0.05
 
 
+def test_each_model_trains_with_its_recipe_unless_the_command_line_says_otherwise(pickled_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainers = []
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: trainers.append(self))
+    flags = ["--data-dir", str(pickled_dir), "--batch-size", "64", "--device", "cpu"]
+    task3.main(flags)
+    recipes = {t.name: (type(t.optimizer).__name__, t.epochs, t.settings["optimizer"], t.settings["epochs"])
+               for t in trainers}
+    assert recipes == {"task3_vgg_seed0": ("SGD", 10, "sgd", 10), "task3_resnet_seed0": ("Muon", 8, "muon", 8)}
+    trainers.clear()
+    task3.main([*flags, "--optimizer", "sgd", "--epochs", "5"])
+    assert [(type(t.optimizer).__name__, t.epochs) for t in trainers] == [("SGD", 5), ("SGD", 5)]
+
+
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
     flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
