@@ -123,3 +123,13 @@ def test_report_image_links_reach_the_plots_from_any_output_folder(tmp_path):
         link = report.image_link(plot, output_dir)
         assert not Path(link).is_absolute() and (output_dir / link).resolve() == plot.resolve()
     assert report.image_link(plot, tmp_path / "runs" / "report") == "../plots/task2_plot.png"
+
+
+@pytest.mark.parametrize("script", ["task2", "task3", "task4a", "task4b", "benchmark", "report", "create_submission_zip"])
+def test_help_states_every_default_and_no_none(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage:" in text
+    assert "(default: " in text and "(default: None)" not in text  # a flag without a default says what then
