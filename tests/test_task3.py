@@ -74,7 +74,8 @@ def test_a_short_run_learns_and_writes_tables_and_plots(tmp_path, monkeypatch, p
         assert run["final"]["val_accuracy"] > 0.3  # ten easy classes: chance is 0.1
         assert run["settings"]["augmentation"] is True and run["settings"]["flip"] == "alternate"
         assert run["settings"]["lookahead"] is True and run["settings"]["tta_level"] == 2
-        assert run["optimizer"]["nesterov"] is True and "label smoothing 0.2" in run["loss"]
+        assert run["optimizer"]["name"] == "Muon" and run["settings"]["optimizer"] == "muon"  # resnet's recipe
+        assert "label smoothing 0.2" in run["loss"]
         assert {"test_accuracy_tta", "val_accuracy_tta", "test_loss_tta"} <= set(run["final"])
         assert run["dataset_sizes"] == dict(train=360, val=40, test=100) and run["command"].startswith("python")
     assert runs[0]["final"] != runs[1]["final"]  # the seeds differ
