@@ -1,4 +1,5 @@
 """task1.py's answers, report.py and create_submission_zip.py."""
+import importlib
 import json
 import shutil
 import zipfile
@@ -127,7 +128,7 @@ def test_report_image_links_reach_the_plots_from_any_output_folder(tmp_path):
 
 @pytest.mark.parametrize("script", ["task2", "task3", "task4a", "task4b", "benchmark", "report", "create_submission_zip"])
 def test_help_states_every_default_and_no_none(script, capsys):
-    module = __import__(script)
+    module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     text = capsys.readouterr().out
