@@ -1,4 +1,4 @@
-"""task1.py's answers, report.py and create_submission_zip.py."""
+"""task1.py's answers, report.py, create_submission_zip.py, and every script's --help."""
 import importlib
 import json
 import shutil
