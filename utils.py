@@ -127,7 +127,7 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
                         help="keep PyTorch's default NCHW memory format instead of channels-last "
                              "(the default on CUDA and the CPU)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model: faster steps after a start-up that may take minutes")
+                        help="torch.compile the model: a start-up that may take minutes; faster steps on some devices")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window")
     parser.add_argument("--resume", action="store_true",
                         help="continue this run (the one the other flags name) from checkpoints/<name>/last.ckpt, "
