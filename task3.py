@@ -183,7 +183,7 @@ def run_settings(model_name, args, seed, without=None):
                 flip="random" if without == "alternating_flip" else "alternate",
                 whitening=without != "whitening",
                 label_smoothing=0.0 if without == "label_smoothing" else args.label_smoothing,
-                schedule="triangular: x0.2 -> x1 at 23 % of the steps -> x0.07 at the end",
+                schedule=f"triangular: x0.2 -> x1 at 23 % of the steps -> x{args.final_lr_scale:g} at the end",
                 lr_per_1024_images=args.learning_rate, weight_decay_per_1024_images=args.weight_decay,
                 weight_decay_per_step=args.weight_decay * args.batch_size / 1024,
                 weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
@@ -217,7 +217,7 @@ def train_one(model_name, args, seed, without=None):
         optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(loaders[0])
     total_steps = args.epochs * steps_per_epoch
-    schedule = warmup_decay(total_steps, start=0.2, peak_at=0.23, end=0.07)
+    schedule = warmup_decay(total_steps, start=0.2, peak_at=0.23, end=args.final_lr_scale)
     # The whitening layer's bias trains for the first epochs only, then stays (airbench).
     whiten_steps = args.whiten_bias_epochs * steps_per_epoch
     factors = [(lambda step: schedule(step) * (step < whiten_steps)) if group["name"] == "whiten.bias" else schedule
@@ -371,6 +371,9 @@ def main(argv=()):
                         help="batch-norm shifts train at this multiple of --lr")
     parser.add_argument("--whiten-bias-epochs", type=utils.non_negative_int, default=3,
                         help="epochs the whitening layer's bias trains before it is frozen")
+    parser.add_argument("--final-lr-scale", type=utils.fraction, default=0.07,
+                        help="every rate at the last step, as a fraction of its peak (airbench94's 0.07; "
+                             "airbench94_muon decays to 0)")
     parser.add_argument("--label-smoothing", type=utils.fraction, default=0.2, help="of the training loss")
     parser.add_argument("--translate", type=utils.non_negative_int, default=2,
                         help="largest random translation of a training image, pixels each way")

@@ -108,6 +108,10 @@ def test_the_recipe_reaches_the_optimizer(pickled_dir, tmp_path, monkeypatch):
         trainer.optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
         scheduler.step()
     assert whiten["lr"] == 0 and groups["other"]["lr"] > 0
+    while scheduler.last_epoch < 10 * trainer.steps_per_epoch:  # to the last step: 0.07 of the peak
+        trainer.optimizer.step()
+        scheduler.step()
+    assert groups["other"]["lr"] == pytest.approx(lr * 0.07)
 
 
 def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, monkeypatch):
@@ -115,7 +119,7 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, mon
     seen = {}
     monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
     task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--batch-size", "64", "--device", "cpu",
-                "--optimizer", "muon", "--muon-lr", "0.05", "--muon-momentum", "0.6"])
+                "--optimizer", "muon", "--muon-lr", "0.05", "--muon-momentum", "0.6", "--final-lr-scale", "0"])
     trainer = seen["trainer"]
     assert isinstance(trainer.optimizer, task3.Muon)
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
@@ -127,6 +131,11 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, mon
     others = [g for name, g in groups.items() if name != "conv filters"]
     assert not any(g["orthogonalize"] for g in others) and all(g["momentum"] == 0.85 for g in others)
     assert trainer.settings["optimizer"] == "muon" and trainer.settings["muon_lr"] == 0.05
+    for _ in range(10 * trainer.steps_per_epoch):  # --final-lr-scale 0: every rate ends at zero
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert filters["lr"] == 0 and groups["other"]["lr"] == 0 and groups["norm biases"]["lr"] == 0
+    assert trainer.settings["schedule"].endswith("x0 at the end")
 
 
 def test_each_model_trains_with_its_recipe_unless_the_command_line_says_otherwise(pickled_dir, tmp_path, monkeypatch):
