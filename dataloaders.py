@@ -170,10 +170,16 @@ class DeviceLoader:
     coin per image and epoch; flip="alternate" tosses it once, in the first epoch, then mirrors every
     image in every other epoch, so that each image is seen both ways in any two consecutive epochs
     (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", https://arxiv.org/abs/2404.00498).
+    crop_sizes (training only, with augment): the side of the crops in each epoch, crop_sizes[e] in epoch e and
+    the images' own side after the list ends. A smaller crop is cut from anywhere in the padded image, at the
+    same scale: objects keep their size, the network sees less around them and does (side / 32)^2 of the work.
+    Progressive resizing (fast.ai's DAWNBench ImageNet runs, https://www.fast.ai/posts/2018-08-10-fastai-diu-imagenet.html),
+    done by cropping rather than shrinking, so the filters learn the objects at the size they are tested at.
     """
 
     def __init__(self, images, labels, batch_size, *, mean, std, shuffle=False, augment=False,
-                 crop_padding=4, padding_mode="zeros", flip="random", image_size=None, seed=0, classes=None):
+                 crop_padding=4, padding_mode="zeros", flip="random", crop_sizes=(), image_size=None, seed=0,
+                 classes=None):
         if padding_mode not in ("zeros", "reflect") or flip not in ("random", "alternate"):
             raise ValueError(f"padding_mode must be 'zeros' or 'reflect' and flip 'random' or 'alternate', "
                              f"got {padding_mode!r} and {flip!r}")
@@ -185,6 +191,10 @@ class DeviceLoader:
         self.crop_padding = crop_padding  # pixels, the largest translation each way
         self.padding_mode = padding_mode
         self.flip = flip
+        self.crop_sizes = tuple(crop_sizes)  # pixels, the side of each epoch's crops (see above)
+        side = images.shape[-1] + 2 * crop_padding
+        if any(not 0 < size <= side for size in self.crop_sizes):
+            raise ValueError(f"crop_sizes must lie between 1 and the padded side {side}, got {self.crop_sizes}")
         self.image_size = image_size  # None keeps 32x32; else square side after a bilinear resize
         self.classes = classes  # class names, label order
         self.mean, self.std = tuple(mean), tuple(std)  # per channel, in units of pixel / 255
@@ -222,8 +232,10 @@ class DeviceLoader:
         else:
             order = torch.arange(n, device=self.device)
         if self.augment:
-            # Per image: crop offsets in [0, 2 * padding] and whether it is mirrored.
-            shifts = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=self.generator)
+            # Per image: crop offsets (0 .. the padded side minus the crop's) and whether it is mirrored.
+            size = self.crop_size(self.epoch)
+            largest_shift = self.images.shape[-1] + 2 * self.crop_padding - size
+            shifts = torch.randint(0, largest_shift + 1, (n, 2), generator=self.generator)
             shifts, flips = shifts.to(self.device), self.epoch_flips().to(self.device)
         self.epoch += 1
         for i in range(start, len(self)):
@@ -231,8 +243,12 @@ class DeviceLoader:
             images = self.images[index]
             if self.augment:
                 images = random_crop_and_flip(images, shifts[index], flips[index], self.crop_padding,
-                                              self.padding_mode)
+                                              self.padding_mode, size)
             yield self.to_model_input(images), self.labels[index]
+
+    def crop_size(self, epoch):
+        """Side of the training crops in `epoch` (0-based)."""
+        return self.crop_sizes[epoch] if epoch < len(self.crop_sizes) else self.images.shape[-1]
 
     def state_dict(self):
         """The random state at the start of the latest epoch begun: load it, and batches(start=k)
@@ -265,20 +281,21 @@ class DeviceLoader:
         return images
 
 
-def random_crop_and_flip(images, shifts, flips, padding, padding_mode="zeros"):
-    """uint8 [B,C,H,W], shifts int [B,2] in [0, 2*padding], flips bool [B] -> each image cropped from its
-    padded self (zeros as torchvision's RandomCrop(padding=...), or its mirrored border with "reflect"),
-    then mirrored left-right where flips says.
+def random_crop_and_flip(images, shifts, flips, padding, padding_mode="zeros", size=None):
+    """uint8 [B,C,H,W], shifts int [B,2] in [0, H+2*padding-size], flips bool [B] -> each image's size x size
+    crop (size None: H) of its padded self (zeros as torchvision's RandomCrop(padding=...), or its mirrored
+    border with "reflect"), at offset shifts (row, column), then mirrored left-right where flips says.
 
-    Two gathers, rows then columns; crop-then-mirror reads padded column shift + (W-1-x) for output column x.
+    Two gathers, rows then columns; crop-then-mirror reads padded column shift + (size-1-x) for output column x.
     """
     b, c, h, w = images.shape
+    size = h if size is None else size
     padded = F.pad(images, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect")  # [B, C, H+2p, W+2p]
-    rows = shifts[:, 0:1] + torch.arange(h, device=images.device)  # [B, H]
-    cols = torch.arange(w, device=images.device).expand(b, w)
-    cols = torch.where(flips.view(b, 1), w - 1 - cols, cols) + shifts[:, 1:2]  # [B, W]
-    padded = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * padding))  # [B, C, H, W+2p]
-    return padded.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))  # [B, C, H, W]
+    rows = shifts[:, 0:1] + torch.arange(size, device=images.device)  # [B, S]
+    cols = torch.arange(size, device=images.device).expand(b, size)
+    cols = torch.where(flips.view(b, 1), size - 1 - cols, cols) + shifts[:, 1:2]  # [B, S]
+    padded = padded.gather(2, rows.view(b, 1, size, 1).expand(b, c, size, w + 2 * padding))  # [B, C, S, W+2p]
+    return padded.gather(3, cols.view(b, 1, 1, size).expand(b, c, size, size))  # [B, C, S, S]
 
 
 def split_indices(n, validation_fraction, split_seed):
@@ -291,10 +308,10 @@ def split_indices(n, validation_fraction, split_seed):
 
 
 def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10", device=None,
-                 augment=False, crop_padding=4, padding_mode="zeros", flip="random", mean=mean, std=std,
-                 image_size=None, seed=0, split_seed=0, eval_batch_size=EVAL_BATCH_SIZE):
+                 augment=False, crop_padding=4, padding_mode="zeros", flip="random", crop_sizes=(), mean=mean,
+                 std=std, image_size=None, seed=0, split_seed=0, eval_batch_size=EVAL_BATCH_SIZE):
     """(train, validation, test) DeviceLoaders. Only the training loader shuffles and augments
-    (crop_padding, padding_mode and flip: see DeviceLoader)."""
+    (crop_padding, padding_mode, flip and crop_sizes: see DeviceLoader)."""
     device = torch.device(device) if device is not None else utils.get_device()
     train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir)
     train_index, val_index = split_indices(len(train_labels), validation_fraction, split_seed)
@@ -309,7 +326,7 @@ def load_cifar10(batch_size, validation_fraction=0.1, *, data_dir="data/cifar10"
     return (
         DeviceLoader(*on_device(train_images, train_labels, train_index), batch_size,
                      shuffle=True, augment=augment, crop_padding=crop_padding, padding_mode=padding_mode,
-                     flip=flip, seed=seed, **common),
+                     flip=flip, crop_sizes=crop_sizes, seed=seed, **common),
         DeviceLoader(*on_device(train_images, train_labels, val_index), eval_batch_size, **common),
         DeviceLoader(*on_device(test_images, test_labels), eval_batch_size, **common),
     )

@@ -79,7 +79,9 @@ class Whitening(nn.Conv2d):
 
 
 class WhitenedVGG(nn.Module):
-    """Model A, plain: whitening, then three stages of conv, max-pool, batch norm, GELU, conv, batch norm, GELU."""
+    """Model A, plain: whitening, then three stages of conv, max-pool, batch norm, GELU, conv, batch norm, GELU.
+    The last pool takes the maximum over whatever map is left (3x3 for whole images), so that the network
+    also trains on smaller crops (--crop-sizes)."""
 
     def __init__(self, num_classes=10, widths=(64, 256, 256), whitening=True):
         super().__init__()
@@ -95,7 +97,7 @@ class WhitenedVGG(nn.Module):
             conv3x3(c2, c2), BatchNorm(c2), nn.GELU(),
             conv3x3(c2, c3), nn.MaxPool2d(2), BatchNorm(c3), nn.GELU(),          # [B, 256, 3, 3]
             conv3x3(c3, c3), BatchNorm(c3), nn.GELU(),
-            nn.MaxPool2d(3),                                                      # [B, 256, 1, 1]
+            nn.AdaptiveMaxPool2d(1),                                              # [B, 256, 1, 1]
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),                                                         # [B, 256]
@@ -142,7 +144,7 @@ class WhitenedResNet(nn.Module):
             residual_stage(c0, c1),                                               # [B, 32, 15, 15]
             residual_stage(c1, c2),                                               # [B, 128, 7, 7]
             residual_stage(c2, c3),                                               # [B, 128, 3, 3]
-            nn.MaxPool2d(3),                                                      # [B, 128, 1, 1]
+            nn.AdaptiveMaxPool2d(1),                                              # [B, 128, 1, 1]
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),                                                         # [B, 128]
@@ -198,7 +200,8 @@ def train_one(model_name, args, seed, without=None):
     loaders = dataloaders.load_cifar10(
         args.batch_size, data_dir=args.data_dir, device=device, seed=seed, split_seed=args.split_seed,
         augment=without != "augmentation", crop_padding=args.translate, padding_mode="reflect",
-        flip="random" if without == "alternating_flip" else "alternate")
+        flip="random" if without == "alternating_flip" else "alternate",
+        crop_sizes=args.crop_sizes if without != "augmentation" else ())
     model = MODELS[model_name](whitening=without != "whitening")
     if without != "whitening":
         train = loaders[0]
@@ -377,12 +380,18 @@ def main(argv=()):
     parser.add_argument("--label-smoothing", type=utils.fraction, default=0.2, help="of the training loss")
     parser.add_argument("--translate", type=utils.non_negative_int, default=2,
                         help="largest random translation of a training image, pixels each way")
+    parser.add_argument("--crop-sizes", type=utils.positive_int, nargs="*", default=[],
+                        help="progressive resizing: the side in pixels of the random crops each of the first "
+                             "epochs trains on, one value per epoch (say 24 24 24 28 28 28 28), whole images "
+                             "after them; a crop costs (side / 32)^2 of a whole image's work")
     parser.add_argument("--tta-level", type=int, choices=(0, 1, 2), default=2,
                         help="test-time augmentation reported besides the plain accuracy: 0 none, "
                              "1 mirror, 2 mirror and 1-pixel shifts")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs > MAX_EPOCHS:
         parser.error(f"--epochs: Task 3 allows at most {MAX_EPOCHS} epochs")
+    if any(not 8 <= size <= 32 + 2 * args.translate for size in args.crop_sizes):
+        parser.error(f"--crop-sizes: each from 8 to {32 + 2 * args.translate} pixels (the image padded by --translate)")
     args.seeds = args.seeds or [args.seed]
     models = [CHEAPER_MODEL if args.model == "all" else args.model] if args.ablate else \
         (list(MODELS) if args.model == "all" else [args.model])

@@ -162,6 +162,43 @@ def test_random_crop_and_flip_match_a_per_image_crop_then_flip():
     assert torch.equal(out[1], images[1].flip(2))  # no shift, mirrored
 
 
+def test_smaller_crops_are_parts_of_the_padded_image_at_its_scale():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    shifts = torch.tensor([[0, 0], [3, 1], [6, 6], [2, 5]])  # up to padded side 10 - crop side 4
+    flips = torch.tensor([False, True, False, True])
+    out = dataloaders.random_crop_and_flip(images, shifts, flips, 1, "reflect", size=4)
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    assert out.shape == (4, 3, 4, 4)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        crop = padded[i, :, dy:dy + 4, dx:dx + 4]
+        assert torch.equal(out[i], crop.flip(2) if flips[i] else crop)
+
+
+def test_crop_sizes_set_each_epochs_crops_then_whole_images_follow(pickled_dir):
+    loader = load(pickled_dir, batch_size=90, seed=3, augment=True, crop_padding=2, padding_mode="reflect",
+                  crop_sizes=[24, 28])[0]
+    plain = load(pickled_dir, batch_size=90, seed=3)[0]
+    every_label = sorted(all_batches(plain)[1].tolist())
+    sides = []
+    for epoch in range(3):
+        images, labels = all_batches(loader)
+        sides.append(images.shape[-1])
+        assert images.shape[:2] == (len(labels), 3) and sorted(labels.tolist()) == every_label
+    assert sides == [24, 28, 32] and loader.crop_size(7) == 32
+    # A crop is a window of its image at the same scale: some window of the padded original equals it.
+    loader = dataloaders.DeviceLoader(plain.images[:8], torch.arange(8), 8, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                      shuffle=True, augment=True, crop_padding=2, padding_mode="reflect",
+                                      crop_sizes=[20], seed=0)
+    x, y = next(iter(loader))
+    padded = torch.nn.functional.pad(loader.to_model_input(plain.images[:8].clone()), (2,) * 4, mode="reflect")
+    for crop, i in zip(x, y.tolist()):
+        windows = [padded[i, :, r:r + 20, c:c + 20] for r in range(17) for c in range(17)]
+        assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
+    with pytest.raises(ValueError, match="crop_sizes"):
+        dataloaders.DeviceLoader(plain.images, plain.labels, 8, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True,
+                                 crop_padding=2, crop_sizes=[37])
+
+
 def test_reflected_translation_moves_images_and_keeps_labels_and_shapes(pickled_dir):
     plain = load(pickled_dir, batch_size=360, seed=3)[0]
     moved = load(pickled_dir, batch_size=360, seed=3, augment=True, crop_padding=2, padding_mode="reflect")[0]

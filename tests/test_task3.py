@@ -18,6 +18,7 @@ def test_models_give_logits_and_the_parameters_their_tables_state(name, paramete
     # Fixed: the whitening filters (24 x 3 x 2 x 2) and every batch-norm scale.
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == frozen
     assert utils.layer_table(model).splitlines()[-1].endswith(f"| total |  |  |  | {parameters:,} |")
+    assert model(torch.zeros(2, 3, 24, 24)).shape == (2, 10)  # smaller crops (--crop-sizes) pass too
     learnt_first_layer = task3.MODELS[name](whitening=False)
     assert learnt_first_layer.whiten.weight.requires_grad
 
@@ -152,6 +153,21 @@ def test_each_model_trains_with_its_recipe_unless_the_command_line_says_otherwis
     assert [(type(t.optimizer).__name__, t.epochs) for t in trainers] == [("SGD", 5), ("SGD", 5)]
 
 
+def test_progressive_crops_reach_the_training_loader_and_the_results(pickled_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    task3.main(["--data-dir", str(pickled_dir), "--model", "resnet", "--epochs", "3", "--batch-size", "60",
+                "--device", "cpu", "--crop-sizes", "20", "24"])
+    run = json.loads((tmp_path / "results/task3_resnet_seed0.json").read_text())
+    assert run["settings"]["crop_sizes"] == [20, 24] and run["epochs_run"] == 3
+    assert run["final"]["val_accuracy"] > 0.2  # learns on crops, evaluated on whole images
+    seen = {}
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
+    task3.main(["--data-dir", str(pickled_dir), "--model", "resnet", "--device", "cpu", "--crop-sizes", "20", "24"])
+    loader = seen["trainer"].dataloader_train
+    assert [loader.crop_size(epoch) for epoch in range(4)] == [20, 24, 32, 32]
+    assert next(iter(loader))[0].shape[-2:] == (20, 20)
+
+
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
     flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
@@ -205,7 +221,8 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
 
 @pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
                                    ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"],
-                                   ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"]])
+                                   ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"],
+                                   ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"]])
 def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         task3.main(flags)
