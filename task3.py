@@ -202,7 +202,7 @@ def train_one(model_name, args, seed, without=None):
         augment=without != "augmentation", crop_padding=args.translate, padding_mode="reflect",
         flip="random" if without == "alternating_flip" else "alternate",
         crop_sizes=args.crop_sizes if without != "augmentation" else ())
-    model = MODELS[model_name](whitening=without != "whitening")
+    model = make_model(model_name, args, whitening=without != "whitening")
     if without != "whitening":
         train = loaders[0]
         model.whiten.fit(train.to_model_input(train.images[:WHITENING_IMAGES]).cpu())
@@ -242,11 +242,16 @@ def train_one(model_name, args, seed, without=None):
     return trainer
 
 
-def write_layer_table(model_name):
+def make_model(model_name, args, **kwargs):
+    """The network `model_name`, at --widths where given."""
+    return MODELS[model_name](**kwargs, **(dict(widths=tuple(args.widths)) if args.widths else {}))
+
+
+def write_layer_table(model_name, args):
     """results/task3_<model>_layers.md: the layer table the report's Task 3a needs."""
     path = pathlib.Path("results") / f"task3_{model_name}_layers.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(utils.layer_table(MODELS[model_name]()) + "\n")
+    path.write_text(utils.layer_table(make_model(model_name, args)) + "\n")
     print(f"saved {path}")
 
 
@@ -354,6 +359,9 @@ def main(argv=()):
                                  early_stop_count=4, validations_per_epoch=1)
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which network to train")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: --seed)")
+    parser.add_argument("--widths", type=utils.positive_int, nargs=3, default=None, metavar=("C1", "C2", "C3"),
+                        help="filters of the three stages (default: each model's own, vgg 64 256 256, "
+                             "resnet 32 128 128)")
     parser.add_argument("--ablate", choices=TECHNIQUES, default=None,
                         help=f"train with and without this technique and compare (model: --model, "
                              f"default {CHEAPER_MODEL})")
@@ -405,7 +413,7 @@ def main(argv=()):
         ablate(models[0], args.ablate, model_args(models[0], args))
         return
     for model_name in models:
-        write_layer_table(model_name)
+        write_layer_table(model_name, args)
         for seed in args.seeds:
             trainer = train_one(model_name, model_args(model_name, args), seed)
             create_plots(trainer, trainer.name, args.show)

@@ -168,6 +168,18 @@ def test_progressive_crops_reach_the_training_loader_and_the_results(pickled_dir
     assert next(iter(loader))[0].shape[-2:] == (20, 20)
 
 
+def test_widths_set_the_stages_of_the_model_and_its_layer_table(pickled_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
+    task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--device", "cpu", "--widths", "16", "32", "48"])
+    convs = [m for m in seen["trainer"].model.modules() if isinstance(m, nn.Conv2d)][1:]  # after the whitening
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 48, 48]
+    assert seen["trainer"].settings["widths"] == [16, 32, 48]
+    table = (tmp_path / "results/task3_vgg_layers.md").read_text()
+    assert table.splitlines()[-1].endswith(f"| {sum(p.numel() for p in seen['trainer'].model.parameters()):,} |")
+
+
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
     flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
@@ -222,7 +234,7 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
 @pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
                                    ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"],
                                    ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"],
-                                   ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"]])
+                                   ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"], ["--widths", "64", "0", "64"]])
 def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         task3.main(flags)
