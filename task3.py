@@ -210,7 +210,7 @@ def train_one(model_name, args, seed, without=None):
     learning_rate = args.learning_rate * args.batch_size / 1024
     weight_decay = args.weight_decay * args.batch_size / 1024
     groups = parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=args.bias_lr_scale,
-                              own_groups=["whiten.bias"], filters_apart=args.optimizer == "muon")
+                              filters_apart=args.optimizer == "muon")
     if args.optimizer == "muon":  # the conv filters by Muon, the rest (biases, the linear layer) by Nesterov SGD
         for group in groups:
             if group["name"] == "conv filters":
@@ -220,12 +220,8 @@ def train_one(model_name, args, seed, without=None):
         optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum, nesterov=True)
     steps_per_epoch = len(loaders[0])
     total_steps = args.epochs * steps_per_epoch
-    schedule = warmup_decay(total_steps, start=0.2, peak_at=0.23, end=args.final_lr_scale)
-    # The whitening layer's bias trains for the first epochs only, then stays (airbench).
-    whiten_steps = args.whiten_bias_epochs * steps_per_epoch
-    factors = [(lambda step: schedule(step) * (step < whiten_steps)) if group["name"] == "whiten.bias" else schedule
-               for group in groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_decay(total_steps, start=0.2, peak_at=0.23, end=args.final_lr_scale))
     # airbench's averaging, every 5 steps of 1024 images, kept at the same number of images per update.
     lookahead = None if without == "lookahead" else Lookahead(
         total_steps, start_step=3 * steps_per_epoch, every=max(1, round(5 * 1024 / args.batch_size)))
@@ -235,6 +231,8 @@ def train_one(model_name, args, seed, without=None):
     trainer = Trainer(args.batch_size, learning_rate, args.early_stop_count, args.epochs, model, loaders,
                       optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=args.tta_level,
                       loss_criterion=nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"]), device=device,
+                      # The whitening layer's bias trains for the first epochs only, then stays (airbench).
+                      freeze_after={"whiten.bias": args.whiten_bias_epochs * steps_per_epoch},
                       validations_per_epoch=args.validations_per_epoch,
                       **utils.speed_options(args, device), **utils.checkpoint_options(args, resume),
                       name=name, settings=settings)

@@ -75,29 +75,23 @@ def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
     return tuple((loss / count, right / count) for loss, right in zip(losses, corrects))
 
 
-def parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=1.0, own_groups=(), filters_apart=False):
+def parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=1.0, filters_apart=False):
     """Optimizer parameter groups of the trainable parameters, named by their "name" key.
 
     "norm biases" (the shifts of batch/layer/group norms) train at learning_rate x norm_bias_lr_scale;
     airbench raises it 64-fold: a shift is one number per channel and moves slowly at the rate the
-    weights need. Each parameter named in `own_groups` gets a group of its own (named after it), so a
-    schedule can treat it apart; with filters_apart, the conv filters (4-D weights) form a group "conv
-    filters" (for Muon, say); "other" holds the rest.
+    weights need. With filters_apart, the conv filters (4-D weights) form a group "conv filters"
+    (for Muon, say); "other" holds the rest.
     weight_decay is decoupled from the learning rate: the fraction of each parameter removed per step,
     in every group (PyTorch's SGD removes lr x weight_decay, hence the division below).
     https://myrtle.ai/learn/how-to-train-your-resnet-5-hyperparameters/
     """
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, norm_types) and m.bias is not None}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    named = dict(trainable)
-    unknown = set(own_groups) - set(named)
-    if unknown:
-        raise ValueError(f"own_groups names no trainable parameter: {sorted(unknown)}")
-    groups = [dict(name=name, params=[named[name]], lr=learning_rate) for name in own_groups]
-    groups.append(dict(name="norm biases", lr=learning_rate * norm_bias_lr_scale,
-                       params=[p for name, p in trainable if id(p) in norm_biases and name not in own_groups]))
-    rest = [p for name, p in trainable if id(p) not in norm_biases and name not in own_groups]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(name="norm biases", lr=learning_rate * norm_bias_lr_scale,
+                   params=[p for p in trainable if id(p) in norm_biases])]
+    rest = [p for p in trainable if id(p) not in norm_biases]
     if filters_apart:
         groups.append(dict(name="conv filters", lr=learning_rate, params=[p for p in rest if p.dim() == 4]))
         rest = [p for p in rest if p.dim() != 4]
@@ -264,7 +258,7 @@ class Trainer:
     def __init__(self, batch_size, learning_rate, early_stop_count, epochs, model, dataloaders, *,
                  optimizer=None, scheduler=None, loss_criterion=None, device=None, validations_per_epoch=2,
                  autocast_dtype=None, channels_last=False, compile_model=False, lookahead=None, tta_level=0,
-                 resume=False, checkpoint_every_s=300.0,
+                 freeze_after=None, resume=False, checkpoint_every_s=300.0,
                  name="model", checkpoint_dir="checkpoints", results_dir="results", settings=None):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -285,6 +279,14 @@ class Trainer:
         self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=learning_rate)
         self.scheduler = scheduler  # stepped after every optimisation step, not every epoch
         self.lookahead = lookahead  # a Lookahead weight average, or None
+        # {parameter name: step}: from that step on the parameter stops training. Its gradient, and whatever
+        # only it needed (the first conv's input gradient, for a frozen input layer), is no longer computed,
+        # so the later steps are cheaper than a zero learning rate would make them (airbench's whitening bias).
+        parameters = dict(self.model.named_parameters())
+        unknown = set(freeze_after or {}) - set(parameters)
+        if unknown:
+            raise ValueError(f"freeze_after names no parameter of the model: {sorted(unknown)}")
+        self.freeze_after = [(parameters[name], step) for name, step in (freeze_after or {}).items()]
         self.tta_level = tta_level  # test-time augmentation of the final evaluation (see predict), 0 for none
         # Reported losses are plain cross-entropy, comparable across runs whatever trained them
         # (label smoothing, say, raises the training criterion's floor above zero).
@@ -420,6 +422,9 @@ class Trainer:
             progress = tqdm.tqdm(total=self.steps_per_epoch, initial=start, unit="batch", leave=False,
                                  desc=f"epoch {self.epoch + 1}/{self.epochs}", disable=not progress_bars_wanted())
             for self.step_in_epoch, (images, labels) in enumerate(self.dataloader_train.batches(start), start + 1):
+                for parameter, step in self.freeze_after:
+                    if self.global_step >= step:
+                        parameter.requires_grad_(False)
                 loss, accuracy = self.train_step(images, labels)
                 self.global_step += 1
                 if self.lookahead is not None:

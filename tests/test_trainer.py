@@ -200,6 +200,36 @@ def test_training_history_is_plain_cross_entropy_even_with_label_smoothing(tmp_p
     assert accuracy.item() == (logits.argmax(1) == labels).float().mean().item()
 
 
+def test_freeze_after_stops_a_parameter_and_the_gradients_only_it_needed(tmp_path):
+    """A frozen parameter ends where a zero rate from the same step leaves it, and so does every other weight;
+    but from that step on nothing computes its gradient, nor the gradient of the layer output it alone needed."""
+    runs = {}
+    for how in ("freeze", "zero rate"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.GELU(), nn.Linear(6, 4))
+        model[1].weight.requires_grad_(False)  # a fixed input layer with a trainable bias, as Task 3's whitening
+        optimizer = torch.optim.SGD([dict(params=[model[1].bias]), dict(params=list(model[3].parameters()))],
+                                    lr=0.1, momentum=0.9, weight_decay=0.01)
+        scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step: float(step < 4), lambda step: 1.0])
+                     if how == "zero rate" else None)
+        needs_grad = []  # per training step: whether the first layer's output took part in the backward pass
+        model[1].register_forward_hook(lambda module, inputs, out: needs_grad.append(out.requires_grad)
+                                       if module.training else None)
+        trainer = Trainer(16, 0.1, 10, 3, model, make_loaders(), optimizer=optimizer, scheduler=scheduler,
+                          device=torch.device("cpu"), checkpoint_dir=tmp_path / how, results_dir=tmp_path / how,
+                          freeze_after={"1.bias": 4} if how == "freeze" else None)
+        trainer.train()
+        runs[how] = model.state_dict(), needs_grad, model[1].bias.grad
+    assert runs["freeze"][1] == [True] * 4 + [False] * 5  # 3 epochs of 3 steps
+    assert runs["zero rate"][1] == [True] * 9
+    assert runs["freeze"][2] is None and runs["zero rate"][2] is not None
+    for key, value in runs["zero rate"][0].items():
+        assert torch.allclose(runs["freeze"][0][key], value, atol=1e-7), key
+    assert not torch.equal(runs["freeze"][0]["1.bias"], torch.zeros(6))  # it trained before the freeze
+    with pytest.raises(ValueError, match="9.bias"):
+        make_trainer(tmp_path, freeze_after={"9.bias": 1})
+
+
 def test_lookahead_follows_its_formula_step_by_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
@@ -275,15 +305,12 @@ def test_final_evaluation_reports_test_time_augmentation_beside_the_plain_figure
 def test_parameter_groups_raise_norm_biases_and_decouple_weight_decay():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Linear(4, 2))
     model[1].weight.requires_grad_(False)
-    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, norm_bias_lr_scale=64,
-                                                                     own_groups=["0.bias"])}
+    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, norm_bias_lr_scale=64)}
     assert [p is model[1].bias for p in groups["norm biases"]["params"]] == [True]
     assert groups["norm biases"]["lr"] == pytest.approx(6.4)
-    assert groups["0.bias"]["params"][0] is model[0].bias
-    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].weight), id(model[2].weight), id(model[2].bias)}
+    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].weight), id(model[0].bias), id(model[2].weight),
+                                                         id(model[2].bias)}  # the frozen norm scale in none
     assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.01) for g in groups.values())
-    with pytest.raises(ValueError):
-        trainer_module.parameter_groups(model, 0.1, 0.01, own_groups=["1.weight"])  # frozen: not trainable
 
 
 def test_warmup_decay_is_a_triangle():
