@@ -309,7 +309,7 @@ def test_parameter_groups_raise_norm_biases_and_decouple_weight_decay():
     assert [p is model[1].bias for p in groups["norm biases"]["params"]] == [True]
     assert groups["norm biases"]["lr"] == pytest.approx(6.4)
     assert {id(p) for p in groups["other"]["params"]} == {id(model[0].weight), id(model[0].bias), id(model[2].weight),
-                                                         id(model[2].bias)}  # the frozen norm scale in none
+                                                         id(model[2].bias)}  # not the frozen norm scale
     assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.01) for g in groups.values())
 
 
