@@ -67,7 +67,8 @@ class Whitening(nn.Conv2d):
 
     @torch.no_grad()
     def fit(self, images, eps=5e-4):
-        """Set the filters from `images` (float [N,3,H,W], normalised as in training)."""
+        """Set the filters from `images` (float [N,3,H,W], normalised as in training). A direction of variance v
+        leaves with variance v / (v + eps): unit variance where v >> eps, damped where v is not (airbench: 5e-4)."""
         k = self.kernel_size[0]
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # [N, 3, H-k+1, W-k+1, k, k]
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)  # one row per patch
@@ -205,7 +206,7 @@ def train_one(model_name, args, seed, without=None):
     model = make_model(model_name, args, whitening=without != "whitening")
     if without != "whitening":
         train = loaders[0]
-        model.whiten.fit(train.to_model_input(train.images[:WHITENING_IMAGES]).cpu())
+        model.whiten.fit(train.to_model_input(train.images[:WHITENING_IMAGES]).cpu(), eps=args.whiten_eps)
     # A per-example learning rate: the step for the mean loss of a batch grows with the batch.
     learning_rate = args.learning_rate * args.batch_size / 1024
     weight_decay = args.weight_decay * args.batch_size / 1024
@@ -378,6 +379,9 @@ def main(argv=()):
                              "learning rate (scaled with --batch-size, like --lr)")
     parser.add_argument("--bias-lr-scale", type=utils.positive_float, default=64.0,
                         help="batch-norm shifts train at this multiple of --lr")
+    parser.add_argument("--whiten-eps", type=utils.positive_float, default=5e-4,
+                        help="added to each variance of the 2x2 patches before whitening: directions with much "
+                             "less variance than this are damped instead of scaled up to unit variance")
     parser.add_argument("--whiten-bias-epochs", type=utils.non_negative_int, default=3,
                         help="epochs the whitening layer's bias trains before it is frozen")
     parser.add_argument("--final-lr-scale", type=utils.fraction, default=0.07,

@@ -51,6 +51,14 @@ def test_the_whitening_layer_whitens_the_patches_it_was_fitted_on():
     assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
     assert torch.equal(layer.weight[12:], -layer.weight[:12]) and not layer.weight.requires_grad
     assert torch.equal(layer.bias, torch.zeros(24))
+    # With eps, a principal direction of variance v leaves with variance v / (v + eps).
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    variances = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    eps = variances[6].item()  # damps the six directions of least variance, barely touches the largest
+    layer.fit(images, eps=eps)
+    with torch.no_grad():
+        out = layer(images)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert torch.allclose(torch.linalg.eigvalsh(out.T @ out / len(out)), variances / (variances + eps), atol=1e-3)
 
 
 def test_the_layer_table_of_the_task2_model_is_table_2():
@@ -229,7 +237,7 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
-                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"],
+                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"], ["--whiten-eps", "0"],
                                    ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"],
                                    ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"], ["--widths", "64", "0", "64"]])
 def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
