@@ -148,7 +148,16 @@ def test_resume_with_nothing_to_resume_names_the_checkpoint(tmp_path, pickled_di
     assert "nothing to resume at 'checkpoints/task3_vgg_seed0/last.ckpt'" in done.stderr
 
 
-def test_lookahead_scheduler_and_augmentation_resume_exactly_in_process(tmp_path):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler during the test, whatever the test runner inherited (a shell starts its
+    background jobs with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_lookahead_scheduler_and_augmentation_resume_exactly_in_process(tmp_path, python_ctrl_c):
     """A Trainer stopped by SIGINT mid-epoch and rebuilt from nothing continues bit for bit."""
 
     def build(folder, resume=False):

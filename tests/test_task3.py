@@ -237,9 +237,10 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "11"], ["--translate", "-1"], ["--label-smoothing", "1.5"],
-                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"], ["--whiten-eps", "0"],
-                                   ["--optimizer", "adam"], ["--muon-lr", "0"], ["--muon-momentum", "1.5"],
-                                   ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"], ["--widths", "64", "0", "64"]])
+                                   ["--momentum", "-0.1"], ["--weight-decay", "-1"], ["--whiten-bias-epochs", "-2"],
+                                   ["--whiten-eps", "0"], ["--optimizer", "adam"], ["--muon-lr", "0"],
+                                   ["--muon-momentum", "1.5"], ["--crop-sizes", "24", "40"], ["--crop-sizes", "4"],
+                                   ["--widths", "64", "0", "64"]])
 def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         task3.main(flags)
