@@ -241,6 +241,9 @@ def configurations(device, levers):
     defaults = task_defaults(device)
     if all(speed != defaults for _, pipeline, speed in configs if pipeline == "ours"):  # no row says it yet
         configs.append(("ours, the task scripts' defaults", "ours", defaults))
+    compiled_defaults = dict(defaults, compile_model=True)  # what --compile gives on top of the defaults
+    if "compile" in levers and compiled_defaults != dict(PLAIN, compile_model=True):
+        configs.append(("ours, the defaults + torch.compile (--compile)", "ours", compiled_defaults))
     return configs
 
 

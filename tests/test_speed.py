@@ -159,16 +159,20 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
         assert number(standard) > 0 and number(ours) > 0
         assert number(ratio) == pytest.approx(number(ours) / number(standard), rel=0.05, abs=0.06)
 
-    labels = ["standard, float32", "ours, float32", "ours + channels-last", "ours + torch.compile"]
+    labels = ["standard, float32", "ours, float32", "ours + channels-last", "ours + torch.compile",
+              "ours, the defaults + torch.compile (--compile)"]  # on a CPU the defaults are channels-last
     assert [(row[0], row[1]) for row in tables[2]] == [("Task 2 CNN", label) for label in labels] + [
         ("Task 4a ResNet18 at 40x40", label) for label in labels]
-    assert len(compile_spy.compiled) == 2 and compile_spy.calls >= 2 * (1 + 2 * 2)  # warm-up + repeats x steps
+    assert len(compile_spy.compiled) == 4 and compile_spy.calls >= 4 * (1 + 2 * 2)  # warm-up + repeats x steps
+    layouts = [next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+               for model in compile_spy.compiled]
+    assert layouts == [False, True, False, True]  # per network: compile alone, then on top of channels-last
     # The table rounds images per second to whole numbers: on a loaded machine a slow network's rate is
     # small enough for that rounding alone to move a ratio by several per cent, so allow for it.
     for network, label, batch, rate, epoch_s, ratio, warmup_s in tables[2]:
         assert number(epoch_s) == pytest.approx(400 / number(rate), rel=0.05 + 0.5 / number(rate), abs=0.06)
         assert number(warmup_s) >= 0
-    for first in (tables[2][0], tables[2][4]):
+    for first in (tables[2][0], tables[2][len(labels)]):
         assert first[5] == "1.00x"
     for row in tables[2]:
         standard = next(r for r in tables[2] if r[0] == row[0] and r[1] == "standard, float32")
