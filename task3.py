@@ -161,7 +161,7 @@ MODELS = {"vgg": WhitenedVGG, "resnet": WhitenedResNet}
 CHEAPER_MODEL = "resnet"  # the one the ablations train
 # Where the two recipes differ; --optimizer or --epochs on the command line sets it for both. resnet: 8 epochs
 # with Muon reach the validation accuracy of 10 with SGD (3 seeds each), so a run fits 15 minutes of a 2-core
-# CPU; Muon matched or beat SGD on validation with TTA in each paired run (the README's Task 3 tuning table).
+# CPU; Muon matched or beat SGD on validation with TTA in each paired run (records/task3_tuning.md).
 RECIPES = {"vgg": dict(optimizer="sgd", epochs=MAX_EPOCHS), "resnet": dict(optimizer="muon", epochs=8)}
 
 
