@@ -4,6 +4,7 @@ No DataLoader, no per-image Python in the training loop: a batch is an index int
 and augmentation and normalisation are a few batched tensor ops on the device (the approach
 of Keller Jordan's airbench, https://github.com/KellerJordan/cifar10-airbench).
 """
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -145,9 +146,13 @@ def read_cifar10(data_dir):
             return read_pickled_batches(batches)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return read_image_folder(root)
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     _, failure = utils.try_download(torchvision.datasets.CIFAR10, root=root, train=True, download=True)
     if failure is None:
         return read_pickled_batches(root / "cifar-10-batches-py")
+    for folder in created:  # a mistyped --data-dir leaves no empty folders behind the failed download
+        with contextlib.suppress(OSError):  # not empty: a partial download stays for the user to see
+            folder.rmdir()
     raise DatasetNotFoundError(
         f"CIFAR-10 is not in '{root}' and could not be downloaded ({failure}). "
         f"Put it there in one of two layouts: torchvision's 'cifar-10-batches-py/' (unpacked from "

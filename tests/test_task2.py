@@ -65,6 +65,7 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path):
     assert len(error_lines) == 1
     assert "nothing-here" in error_lines[0] and "--data-dir" in error_lines[0]
     assert saved.read_text() == "an earlier run"  # nothing already saved is touched
+    assert not (tmp_path / "nothing-here").exists()  # nor a folder left behind by the failed download
 
 
 def test_bad_flags_fail_before_anything_runs(tmp_path):
