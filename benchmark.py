@@ -58,16 +58,18 @@ class Workload:
 
 def workloads(image_size):
     """The three networks with the settings their task scripts train them with."""
+    vgg = task3.RECIPES["vgg"]
     return {
         "task2": Workload("Task 2 CNN", lambda: task2.ExampleModel(3, 10),
-                          lambda params: torch.optim.SGD(params, lr=5e-2), 64, dataloaders.mean, dataloaders.std),
+                          lambda params: torch.optim.SGD(params, lr=5e-2), 64, dataloaders.COURSE_MEAN, dataloaders.COURSE_STD),
         # The whitened VGG at a constant rate below the schedule's peak: there is no warm-up here, and speed
         # does not depend on the rate.
         "task3": Workload("Task 3 whitened VGG", task3.WhitenedVGG,
                           lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.85, nesterov=True,
                                                          weight_decay=5e-4),
-                          256, dataloaders.mean, dataloaders.std, augment=True, crop_padding=2,
-                          padding_mode="reflect", flip="alternate", label_smoothing=0.2),
+                          vgg["batch_size"], dataloaders.COURSE_MEAN, dataloaders.COURSE_STD, augment=True,
+                          crop_padding=vgg["translate"], padding_mode=vgg["border"], flip=vgg["flip"],
+                          label_smoothing=vgg["label_smoothing"]),
         "task4a": Workload(f"Task 4a ResNet18 at {image_size}x{image_size}",
                            lambda: task4a.TransferResNet18(num_classes=10),
                            lambda params: torch.optim.Adam(params, lr=5e-4), 32,
@@ -230,9 +232,10 @@ def pipeline_table(train_images, train_labels, device, args):
 def configurations(device, levers):
     """(label, pipeline, Trainer speed keywords) to time per network, the starter's way first."""
     configs = [("standard, float32", "standard", PLAIN), ("ours, float32", "ours", PLAIN)]
-    dtype = utils.autocast_dtype(device)
-    if "autocast" in levers and dtype is not None:  # mixed precision is a CUDA lever here
-        label = f"ours + {str(dtype).removeprefix('torch.')} autocast"
+    dtype = utils.autocast_dtype(device, bfloat16=device.type == "cpu")  # on the CPU, bfloat16 native or not
+    if "autocast" in levers and dtype is not None:
+        native = "" if device.type != "cpu" else " (native)" if utils.cpu_computes_bfloat16() else " (emulated)"
+        label = f"ours + {str(dtype).removeprefix('torch.')} autocast{native}"
         configs.append((label, "ours", dict(PLAIN, autocast_dtype=dtype)))
     if "channels_last" in levers:
         configs.append(("ours + channels-last", "ours", dict(PLAIN, channels_last=True)))
@@ -249,7 +252,8 @@ def configurations(device, levers):
 
 def task_defaults(device):
     """The speed keywords a task script uses on `device` when no speed flag is given."""
-    return utils.speed_options(argparse.Namespace(no_autocast=False, no_channels_last=False, compile=False), device)
+    return utils.speed_options(argparse.Namespace(no_autocast=False, bfloat16=False, no_channels_last=False,
+                                                  compile=False), device)
 
 
 def throughput_table(train_images, train_labels, device, args, scratch):
@@ -315,7 +319,7 @@ def main(argv=()):
     parser.add_argument("--models", nargs="*", choices=("task2", "task3", "task4a"),
                         default=["task2", "task3", "task4a"], help="networks for the throughput table (none: skip it)")
     parser.add_argument("--levers", nargs="*", choices=LEVERS, default=list(LEVERS),
-                        help="speed levers to time one by one (autocast only on CUDA)")
+                        help="speed levers to time one by one (autocast: on the CPU bfloat16, native or emulated)")
     parser.add_argument("--steps", type=utils.positive_int, default=50, help="training steps per timed repeat")
     parser.add_argument("--warmup-steps", type=utils.positive_int, default=10,
                         help="untimed training steps first (compilation, cuDNN autotuning)")

@@ -8,12 +8,8 @@ Both networks are built for accuracy per arithmetic operation, after Keller Jord
 turn builds on "How to train your ResNet" (David Page, https://myrtle.ai/learn/how-to-train-your-resnet/):
 a fixed 2x2 whitening first layer, pooling right after the first conv of each stage so that most
 convolutions run at a quarter of the resolution, batch norm with a fixed scale, GELU, logits scaled
-by 1/9. The recipe: Nesterov SGD with a per-example learning rate and decoupled weight decay,
-64x the rate for batch-norm shifts, a triangular schedule, label smoothing 0.2, Lookahead weight
-averaging, alternating flips and 2-pixel translations, and test-time flips and shifts. vgg follows it
-for 10 epochs; resnet for 8, its conv filters trained by Muon instead of SGD (RECIPES;
-https://kellerjordan.github.io/posts/muon/, as in airbench94_muon).
---lr and --weight-decay are per 1024 images: the rate and decay a step uses scale with --batch-size.
+by 1/9. Each model's whole recipe is the dict RECIPES[model] below; every flag of the recipe defaults
+to it. Rates and weight decay are per 1024 images: the step a batch takes scales with --batch-size.
 Model selection uses the validation set only; the test set is evaluated once per run, at the end.
 """
 import argparse
@@ -25,14 +21,13 @@ import torch
 from torch import nn
 
 import dataloaders
+import optim
 import utils
-from trainer import Lookahead, Muon, Trainer, parameter_groups, warmup_decay
+from trainer import RESUME_MAY_CHANGE, Trainer, last_checkpoint
 from utils import create_plots
 
 MAX_EPOCHS = 10  # the assignment's limit
 LOGIT_SCALE = 1 / 9  # airbench's: unscaled logits of max-pooled features are too large for label smoothing's targets
-WHITENING_IMAGES = 5000  # training images whose 2x2 patches fit the whitening layer
-TECHNIQUES = ("augmentation", "alternating_flip", "whitening", "lookahead", "label_smoothing")
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -79,15 +74,34 @@ class Whitening(nn.Conv2d):
         self.bias.zero_()
 
 
-class WhitenedVGG(nn.Module):
-    """Model A, plain: whitening, then three stages of conv, max-pool, batch norm, GELU, conv, batch norm, GELU.
-    The last pool takes the maximum over whatever map is left (3x3 for whole images), so that the network
-    also trains on smaller crops (--crop-sizes)."""
+class WhitenedNet(nn.Module):
+    """What both models share: the whitening layer first; last, the maximum over whatever map is left (3x3 for
+    whole images, so that the network also trains on smaller crops, --crop-sizes) into a linear classifier whose
+    logits are scaled down. A model builds self.features and self.classifier from these."""
 
-    def __init__(self, num_classes=10, widths=(64, 256, 256), whitening=True):
+    def __init__(self, whitening):
         super().__init__()
         self.whiten = Whitening()
         self.whiten.weight.requires_grad_(not whitening)  # without it: an ordinary, learnt first layer
+
+    def forward(self, x):
+        """Images [B, 3, 32, 32] -> logits [B, num_classes], scaled down."""
+        return self.classifier(self.features(x)) * LOGIT_SCALE
+
+
+def linear_classifier(channels, num_classes):
+    """[B, channels, 1, 1] -> [B, num_classes]: one linear layer, no bias."""
+    return nn.Sequential(
+        nn.Flatten(),                                                             # [B, channels]
+        nn.Linear(channels, num_classes, bias=False),                             # [B, num_classes]
+    )
+
+
+class WhitenedVGG(WhitenedNet):
+    """Model A, plain: whitening, then three stages of conv, max-pool, batch norm, GELU, conv, batch norm, GELU."""
+
+    def __init__(self, num_classes=10, widths=(64, 256, 256), whitening=True):
+        super().__init__(whitening)
         c0, c1, c2, c3 = self.whiten.out_channels, *widths
         self.features = nn.Sequential(
             self.whiten,                                                          # [B, 24, 31, 31]
@@ -100,14 +114,7 @@ class WhitenedVGG(nn.Module):
             conv3x3(c3, c3), BatchNorm(c3), nn.GELU(),
             nn.AdaptiveMaxPool2d(1),                                              # [B, 256, 1, 1]
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),                                                         # [B, 256]
-            nn.Linear(c3, num_classes, bias=False),                               # [B, 10]
-        )
-
-    def forward(self, x):
-        """Images [B, 3, 32, 32] -> logits [B, num_classes], scaled down."""
-        return self.classifier(self.features(x)) * LOGIT_SCALE
+        self.classifier = linear_classifier(c3, num_classes)                      # [B, 10]
 
 
 class Residual(nn.Module):
@@ -131,13 +138,11 @@ def residual_stage(channels_in, channels_out):
     )
 
 
-class WhitenedResNet(nn.Module):
+class WhitenedResNet(WhitenedNet):
     """Model B, residual and narrower: whitening, then three residual stages of half of model A's width."""
 
     def __init__(self, num_classes=10, widths=(32, 128, 128), whitening=True):
-        super().__init__()
-        self.whiten = Whitening()
-        self.whiten.weight.requires_grad_(not whitening)
+        super().__init__(whitening)
         c0, c1, c2, c3 = self.whiten.out_channels, *widths
         self.features = nn.Sequential(
             self.whiten,                                                          # [B, 24, 31, 31]
@@ -147,28 +152,62 @@ class WhitenedResNet(nn.Module):
             residual_stage(c2, c3),                                               # [B, 128, 3, 3]
             nn.AdaptiveMaxPool2d(1),                                              # [B, 128, 1, 1]
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),                                                         # [B, 128]
-            nn.Linear(c3, num_classes, bias=False),                               # [B, 10]
-        )
-
-    def forward(self, x):
-        """Images [B, 3, 32, 32] -> logits [B, num_classes], scaled down."""
-        return self.classifier(self.features(x)) * LOGIT_SCALE
+        self.classifier = linear_classifier(c3, num_classes)                      # [B, 10]
 
 
 MODELS = {"vgg": WhitenedVGG, "resnet": WhitenedResNet}
 CHEAPER_MODEL = "resnet"  # the one the ablations train
-# Where the two recipes differ; --optimizer or --epochs on the command line sets it for both. resnet: 8 epochs
-# with Muon reach the validation accuracy of 10 with SGD (3 seeds each), so a run fits 15 minutes of a 2-core
-# CPU; Muon matched or beat SGD on validation with TTA in each paired run (records/task3_tuning.md).
-RECIPES = {"vgg": dict(optimizer="sgd", epochs=MAX_EPOCHS), "resnet": dict(optimizer="muon", epochs=8)}
 
+# Each model's recipe: every setting that decides what a run computes, in one place (as airbench's `hyp`).
+# The command line overrides any entry (the flag is the key with dashes: --whiten-eps; --lr for lr;
+# --no-lookahead for a True/False one), --ablate removes one technique from a copy (TECHNIQUES), and each
+# results file records the recipe as it ran (settings.recipe), which is what the report's Task 3a prints.
+RECIPES = {}
+RECIPES["vgg"] = dict(
+    widths=[64, 256, 256],        # filters of the three stages
+    epochs=10,                    # passes over the training split (the assignment's limit)
+    batch_size=256,               # images per optimisation step
+    optimizer="sgd",              # "sgd": Nesterov SGD for every parameter; "muon": Muon for the conv filters, SGD the rest
+    lr=1.5,                       # SGD's learning rate per 1024 images (a batch of B steps B / 1024 of it)
+    momentum=0.85,                # SGD's Nesterov momentum
+    weight_decay=2e-3,            # fraction of each weight removed per 1024 images, decoupled from the rate
+    bias_lr_scale=64.0,           # batch-norm shifts' rate, a multiple of lr
+    muon_lr=0.03,                 # with muon: the filters' change per step, a fraction of their norm (any batch size)
+    muon_momentum=0.85,           # with muon: the filters' Nesterov momentum
+    lr_start=0.2,                 # schedule: every rate starts at this multiple of its peak,
+    lr_peak_at=0.23,              #   rises linearly to the peak at this fraction of the steps,
+    final_lr_scale=0.07,          #   and falls linearly to this multiple at the last step
+    label_smoothing=0.2,          # of the training loss's targets
+    lookahead=True,               # Lookahead weight averaging (optim.Lookahead)
+    lookahead_start_epoch=3,      # epochs before the averaging starts
+    lookahead_every=5 * 1024,     # images between two averaging updates (airbench: every 5 steps of 1024)
+    lookahead_decay=0.95 ** 5,    # of the average kept per update at the end of training (less before)
+    whitening=True,               # fixed whitening filters first (False: an ordinary, learnt 2x2 conv)
+    whiten_images=5000,           # training images whose 2x2 patches the whitening is fitted to
+    whiten_eps=5e-4,              # added to each patch variance: damps directions of far less variance
+    whiten_bias_epochs=3,         # epochs the whitening layer's bias trains before it is frozen
+    augmentation=True,            # random translations and flips of the training images
+    translate=2,                  # largest translation, pixels each way
+    border="reflect",             # what a translation brings in: "reflect" (the image's mirrored edge) or "zeros"
+    flip="alternate",             # "alternate": each image mirrored every other epoch; "random": a coin per epoch
+    crop_sizes=[],                # progressive resizing: crop side per early epoch, pixels (none: whole images)
+    tta_level=2,                  # test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel shifts
+    validations_per_epoch=1,      # evaluations of the validation split per epoch
+    early_stop_count=4,           # stop when the oldest of this many validation losses is the lowest
+)
+# resnet: 8 epochs with Muon reach the validation accuracy of 10 with SGD (3 seeds each), so a run fits
+# 15 minutes of a 2-core CPU; Muon matched or beat SGD on validation with TTA in each paired run
+# (https://kellerjordan.github.io/posts/muon/, as in airbench94_muon; records/task3_tuning.md).
+RECIPES["resnet"] = dict(RECIPES["vgg"], widths=[32, 128, 128], optimizer="muon", epochs=8)
 
-def model_args(model_name, args):
-    """The command line's settings, with the model's recipe where the command line leaves them open."""
-    return argparse.Namespace(**{**vars(args), **{key: value for key, value in RECIPES[model_name].items()
-                                                  if getattr(args, key) is None}})
+# The techniques --ablate removes, one at a time: the recipe's entries without each.
+TECHNIQUES = {
+    "augmentation": dict(augmentation=False),
+    "alternating_flip": dict(flip="random"),
+    "whitening": dict(whitening=False),
+    "lookahead": dict(lookahead=False),
+    "label_smoothing": dict(label_smoothing=0.0),
+}
 
 
 def run_name(model_name, seed, without=None):
@@ -177,123 +216,140 @@ def run_name(model_name, seed, without=None):
     return f"task3_{model_name}_seed{seed}" if without is None else f"task3_{model_name}_without_{without}_seed{seed}"
 
 
-def run_settings(model_name, args, seed, without=None):
-    """Every setting of one run, for its results file (and the check that a saved run is this one)."""
-    # Not --ablate (it picks runs) nor --lr (the Trainer records the rate for this batch size as learning_rate).
-    return dict({key: value for key, value in vars(args).items() if key not in ("ablate", "learning_rate")},
-                model=model_name, seed=seed, without=without,
-                augmentation=without != "augmentation",
-                flip="random" if without == "alternating_flip" else "alternate",
-                whitening=without != "whitening",
-                label_smoothing=0.0 if without == "label_smoothing" else args.label_smoothing,
-                schedule=f"triangular: x0.2 -> x1 at 23 % of the steps -> x{args.final_lr_scale:g} at the end",
-                lr_per_1024_images=args.learning_rate, weight_decay_per_1024_images=args.weight_decay,
-                weight_decay_per_step=args.weight_decay * args.batch_size / 1024,
-                weight_init="whitening fitted to 5,000 training images; convs Kaiming-uniform "
-                            "(PyTorch's default), VGG's with Dirac identity filters first")
+def run_settings(model_name, recipe, seed, args, without=None):
+    """What one run computes, for its results file and for the check that a saved run is this one."""
+    return dict(model=model_name, seed=seed, without=without, recipe=recipe, split_seed=args.split_seed,
+                data_dir=args.data_dir, deterministic=args.deterministic)
 
 
-def train_one(model_name, args, seed, without=None):
-    """Train one model with the recipe (minus the technique `without`) -> its Trainer. With --resume, a run
-    with a checkpoint continues (or, finished, is left as it is); one without starts afresh."""
+def train_one(model_name, recipe, seed, args, without=None):
+    """Train `model_name` by `recipe`, less the technique `without`, for one seed -> its Trainer. With --resume,
+    a run with a checkpoint continues (or, finished, is left as it is); one without starts afresh."""
+    recipe = dict(recipe, **TECHNIQUES[without]) if without else recipe
     utils.set_seed(seed, args.deterministic)
     device = utils.get_device(args.device)
     loaders = dataloaders.load_cifar10(
-        args.batch_size, data_dir=args.data_dir, device=device, seed=seed, split_seed=args.split_seed,
-        augment=without != "augmentation", crop_padding=args.translate, padding_mode="reflect",
-        flip="random" if without == "alternating_flip" else "alternate",
-        crop_sizes=args.crop_sizes if without != "augmentation" else ())
-    model = make_model(model_name, args, whitening=without != "whitening")
-    if without != "whitening":
+        recipe["batch_size"], data_dir=args.data_dir, device=device, seed=seed, split_seed=args.split_seed,
+        augment=recipe["augmentation"], crop_padding=recipe["translate"], padding_mode=recipe["border"],
+        flip=recipe["flip"], crop_sizes=recipe["crop_sizes"] if recipe["augmentation"] else ())
+    model = MODELS[model_name](widths=recipe["widths"], whitening=recipe["whitening"])
+    if recipe["whitening"]:
         train = loaders[0]
-        model.whiten.fit(train.to_model_input(train.images[:WHITENING_IMAGES]).cpu(), eps=args.whiten_eps)
+        model.whiten.fit(train.to_model_input(train.images[:recipe["whiten_images"]]).cpu(), eps=recipe["whiten_eps"])
     # A per-example learning rate: the step for the mean loss of a batch grows with the batch.
-    learning_rate = args.learning_rate * args.batch_size / 1024
-    weight_decay = args.weight_decay * args.batch_size / 1024
-    groups = parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=args.bias_lr_scale,
-                              filters_apart=args.optimizer == "muon")
-    if args.optimizer == "muon":  # the conv filters by Muon, the rest (biases, the linear layer) by Nesterov SGD
+    learning_rate = recipe["lr"] * recipe["batch_size"] / 1024
+    weight_decay = recipe["weight_decay"] * recipe["batch_size"] / 1024
+    groups = optim.parameter_groups(model, learning_rate, weight_decay, norm_bias_lr_scale=recipe["bias_lr_scale"],
+                                    filters_apart=recipe["optimizer"] == "muon")
+    if recipe["optimizer"] == "muon":  # the conv filters by Muon, the rest (biases, the linear layer) by Nesterov SGD
         for group in groups:
             if group["name"] == "conv filters":
-                group.update(lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=0.0, orthogonalize=True)
-        optimizer = Muon(groups, lr=learning_rate, momentum=args.momentum)
+                group.update(lr=recipe["muon_lr"], momentum=recipe["muon_momentum"], weight_decay=0.0,
+                             orthogonalize=True)
+        optimizer = optim.Muon(groups, lr=learning_rate, momentum=recipe["momentum"])
     else:
-        optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=args.momentum, nesterov=True)
+        optimizer = torch.optim.SGD(groups, lr=learning_rate, momentum=recipe["momentum"], nesterov=True)
     steps_per_epoch = len(loaders[0])
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_decay(total_steps, start=0.2, peak_at=0.23, end=args.final_lr_scale))
-    # airbench's averaging, every 5 steps of 1024 images, kept at the same number of images per update.
-    lookahead = None if without == "lookahead" else Lookahead(
-        total_steps, start_step=3 * steps_per_epoch, every=max(1, round(5 * 1024 / args.batch_size)))
-    settings = run_settings(model_name, args, seed, without)
+    total_steps = recipe["epochs"] * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.warmup_decay(
+        total_steps, start=recipe["lr_start"], peak_at=recipe["lr_peak_at"], end=recipe["final_lr_scale"]))
+    lookahead = optim.Lookahead(
+        total_steps, start_step=recipe["lookahead_start_epoch"] * steps_per_epoch,
+        every=max(1, round(recipe["lookahead_every"] / recipe["batch_size"])),
+        decay=recipe["lookahead_decay"]) if recipe["lookahead"] else None
     name = run_name(model_name, seed, without)
-    resume = args.resume and (pathlib.Path("checkpoints") / name / "last.ckpt").is_file()
-    trainer = Trainer(args.batch_size, learning_rate, args.early_stop_count, args.epochs, model, loaders,
-                      optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=args.tta_level,
-                      loss_criterion=nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"]), device=device,
+    trainer = Trainer(recipe["batch_size"], learning_rate, recipe["early_stop_count"], recipe["epochs"], model, loaders,
+                      optimizer=optimizer, scheduler=scheduler, lookahead=lookahead, tta_level=recipe["tta_level"],
+                      loss_criterion=nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"]), device=device,
                       # The whitening layer's bias trains for the first epochs only, then stays (airbench).
-                      freeze_after={"whiten.bias": args.whiten_bias_epochs * steps_per_epoch},
-                      validations_per_epoch=args.validations_per_epoch,
-                      **utils.speed_options(args, device), **utils.checkpoint_options(args, resume),
-                      name=name, settings=settings)
+                      freeze_after={"whiten.bias": recipe["whiten_bias_epochs"] * steps_per_epoch},
+                      validations_per_epoch=recipe["validations_per_epoch"],
+                      **utils.speed_options(args, device),
+                      **utils.checkpoint_options(args, args.resume and last_checkpoint(name).is_file()),
+                      name=name, settings=run_settings(model_name, recipe, seed, args, without))
     trainer.train()
     return trainer
 
 
-def make_model(model_name, args, **kwargs):
-    """The network `model_name`, at --widths where given."""
-    return MODELS[model_name](**kwargs, **(dict(widths=tuple(args.widths)) if args.widths else {}))
-
-
-def write_layer_table(model_name, args):
+def write_layer_table(model_name, recipe):
     """results/task3_<model>_layers.md: the layer table the report's Task 3a needs."""
     path = pathlib.Path("results") / f"task3_{model_name}_layers.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(utils.layer_table(make_model(model_name, args)) + "\n")
+    path.write_text(utils.layer_table(MODELS[model_name](widths=recipe["widths"])) + "\n")
     print(f"saved {path}")
 
 
 def mean_std(values, digits=3):
-    """'0.912 ± 0.003' (± only with several values)."""
-    if len(values) == 1:
+    """'0.912 ± 0.003' (± only where the values differ)."""
+    if len(set(values)) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summary_table(results_dir="results"):
-    """(header, rows) of Task 3b: final train loss, train / validation / test accuracy per model, over its seeds."""
-    header = ["model", "seeds", "epochs", "train loss", "train accuracy", "validation accuracy", "test accuracy",
-              "test accuracy, TTA", "wall time (min)"]
+def seed_runs(results):
+    """{model: [its full-recipe runs, by seed]} from {file stem: results} (utils.read_results)."""
+    return {model_name: [results[name] for name in sorted(results)
+                         if name.startswith(f"task3_{model_name}_seed") and "settings" in results[name]]
+            for model_name in MODELS}
+
+
+def ablations(results):
+    """The ablation results files among {file stem: results}, by technique."""
+    return [results[name] for name in sorted(results) if name.startswith("task3_ablation_")]
+
+
+def test_accuracy_key(*finals):
+    """'test_accuracy_tta' where every one of `finals` has it (the figure the recipe is judged by), else the plain."""
+    return "test_accuracy_tta" if all("test_accuracy_tta" in f for f in finals) else "test_accuracy"
+
+
+def summary_table(runs_by_model):
+    """(header, rows) of Task 3b: final train loss, train / validation / test accuracy per model, mean ± std over
+    its seeds (seed_runs)."""
+    header = ["model", "seeds", "epochs", "train loss", "train accuracy", "validation accuracy",
+              "validation accuracy, TTA", "test accuracy", "test accuracy, TTA"]
     rows = []
-    for model_name in MODELS:
-        runs = [json.loads(p.read_text()) for p in sorted(pathlib.Path(results_dir).glob(f"task3_{model_name}_seed*.json"))]
+    for model_name, runs in runs_by_model.items():
         if runs:
             finals = [r["final"] for r in runs]
-            tta = [f["test_accuracy_tta"] for f in finals if "test_accuracy_tta" in f]
             rows.append([model_name, ", ".join(str(r["settings"]["seed"]) for r in runs),
-                         mean_std([r["epochs_run"] for r in runs], 1)]
-                        + [mean_std([f[key] for f in finals]) for key in
-                           ("train_loss", "train_accuracy", "val_accuracy", "test_accuracy")]
-                        + [mean_std(tta) if len(tta) == len(finals) else "–",
-                           mean_std([r["wall_time_s"] / 60 for r in runs], 1)])
+                         mean_std([r["epochs_run"] for r in runs], 0 if all(r["epochs_run"] % 1 == 0 for r in runs) else 1)]
+                        + [mean_std([f[key] for f in finals]) if all(key in f for f in finals) else "–"
+                           for key in ("train_loss", "train_accuracy", "val_accuracy", "val_accuracy_tta",
+                                       "test_accuracy", "test_accuracy_tta")])
     return header, rows
 
 
-def ablation_table(results_dir="results"):
-    """(header, rows): test accuracy (plain, and with TTA where measured) with and without each technique
-    measured so far (Task 3c)."""
-    header = ["technique", "model", "seed", "test accuracy with", "test accuracy without", "difference"]
+def ablation_table(ablation_runs, runs_by_model):
+    """(header, rows) of Task 3c: test accuracy with and without each technique (with TTA where both runs
+    measured it), the difference in percentage points, and beside it the spread of the full recipe's test
+    accuracy over the model's seeds: a difference within it is not shown to be real."""
+    header = ["technique removed", "model, seed", "test acc. with", "test acc. without", "difference",
+              "plain difference", "seeds' std"]
     rows = []
-    for path in sorted(pathlib.Path(results_dir).glob("task3_ablation_*.json")):
-        r = json.loads(path.read_text())
-        for suffix, label in (("", ""), ("_tta", " (TTA)")):
-            key = "test_accuracy" + suffix
-            if key in r["final"]["with"] and key in r["final"]["without"]:
-                with_, without = r["final"]["with"][key], r["final"]["without"][key]
-                rows.append([r["technique"] + label, r["model"], str(r["seed"]), f"{with_:.3f}", f"{without:.3f}",
-                             f"{with_ - without:+.3f}"])
+    for ablation in ablation_runs:
+        with_, without = ablation["final"]["with"], ablation["final"]["without"]
+        key = test_accuracy_key(with_, without)
+        seeds = [r["final"][key] for r in runs_by_model.get(ablation["model"], []) if key in r["final"]]
+        rows.append([ablation["technique"].replace("_", " "), f"{ablation['model']}, {ablation['seed']}",
+                     f"{100 * with_[key]:.1f} %", f"{100 * without[key]:.1f} %",
+                     points(with_[key] - without[key]), points(with_["test_accuracy"] - without["test_accuracy"]),
+                     f"{100 * statistics.stdev(seeds):.1f} pt ({len(seeds)} seeds)" if len(seeds) > 1 else "–"])
     return header, rows
+
+
+def points(difference):
+    """A difference of two accuracies in percentage points: '+2.4 pt' ('+0.0 pt', never '-0.0 pt')."""
+    return f"{round(100 * difference, 1) + 0.0:+.1f} pt"
+
+
+def largest_improvement(ablation_runs):
+    """The ablation whose technique raised test accuracy the most (with TTA where measured): Task 3d's."""
+    def gain(ablation):
+        key = test_accuracy_key(ablation["final"]["with"], ablation["final"]["without"])
+        return ablation["final"]["with"][key] - ablation["final"]["without"][key]
+
+    return max(ablation_runs, key=gain, default=None)
 
 
 def write_table(table, path):
@@ -308,13 +364,17 @@ def saved_run(name, settings, results_dir="results"):
     path = pathlib.Path(results_dir) / f"{name}.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
-    same = all(results["settings"].get(key) == value for key, value in settings.items()
-               if key not in utils.RESUME_MAY_CHANGE)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        print(f"note: '{path}' cannot be read; its run is made again")
+        return None
+    same = isinstance(results, dict) and "settings" in results and all(results["settings"].get(key) == value for key, value in settings.items()
+               if key not in RESUME_MAY_CHANGE)
     return results if same else None
 
 
-def ablate(model_name, technique, args):
+def ablate(model_name, technique, recipe, args):
     """Compare the recipe with and without `technique`, same seed (Tasks 3c, 3d): one loss graph, one results file.
 
     The run with it is the model's own run for the seed (results/task3_<model>_seed<N>.json): one reference
@@ -322,104 +382,141 @@ def ablate(model_name, technique, args):
     """
     seed = args.seeds[0]
     name = run_name(model_name, seed)
-    if saved_run(name, run_settings(model_name, args, seed)) is None:
-        trainer = train_one(model_name, args, seed)
+    if saved_run(name, run_settings(model_name, recipe, seed, args)) is None:
+        trainer = train_one(model_name, recipe, seed, args)
         create_plots(trainer, trainer.name, args.show)
     else:
         print(f"{name}: made already with these settings; 'results/{name}.json' is the run with {technique}")
-    train_one(model_name, args, seed, without=technique)
+    train_one(model_name, recipe, seed, args, without=technique)
     runs = {label: json.loads((pathlib.Path("results") / f"{run_name(model_name, seed, without)}.json").read_text())
             for label, without in (("with", None), ("without", technique))}
-    fig, axes = utils.new_figure()
-    ax = axes[0][0]
-    for label, run in runs.items():
-        # A results file's histories have their steps as JSON keys, strings.
-        train, validation = ({int(step): loss for step, loss in run[history]["loss"].items()}
-                             for history in ("train_history", "validation_history"))
-        utils.plot_history(ax, train, f"train batches, {label} {technique}", smoothing=0.95)
-        utils.plot_history(ax, validation, f"validation, {label} {technique}")
-    ax.set_xlabel("training step (batches)")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title(f"{model_name}: with and without {technique}")
-    utils.add_epoch_axis(ax, runs["with"]["steps_per_epoch"])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    utils.save_figure(fig, f"plots/task3_ablation_{technique}.png", args.show)
-    utils.save_json(dict(model=model_name, technique=technique, seed=seed,
-                         runs={label: run["name"] for label, run in runs.items()},
-                         final={label: run["final"] for label, run in runs.items()}),
-                    f"results/task3_ablation_{technique}.json")
-    write_table(ablation_table(), "results/task3_ablation.md")
+    record = dict(model=model_name, technique=technique, seed=seed,
+                  runs={label: run["name"] for label, run in runs.items()},
+                  final={label: run["final"] for label, run in runs.items()},
+                  # Both runs' loss curves, so that Task 3d's graph is drawn from this file alone.
+                  steps_per_epoch=runs["with"]["steps_per_epoch"],
+                  loss_histories={label: dict(train=run["train_history"]["loss"],
+                                              validation=run["validation_history"]["loss"])
+                                  for label, run in runs.items()})
+    utils.save_json(record, f"results/task3_ablation_{technique}.json")
+    utils.plot_ablation(record, f"plots/task3_ablation_{technique}.png", args.show)
+    results = utils.read_results("results")
+    write_table(ablation_table(ablations(results), seed_runs(results)), "results/task3_ablation.md")
+
+
+def build_parser():
+    """The command line: what to run, and a flag for every entry of the recipe (default: the model's own)."""
+    parser = utils.common_parser("task3.py", __doc__, epochs=None, batch_size=None, learning_rate=None,
+                                 early_stop_count=None, validations_per_epoch=None, recipe_default=recipe_defaults)
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which network to train")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: --seed)")
+    parser.add_argument("--ablate", choices=TECHNIQUES, default=None,
+                        help=f"train with and without this technique and compare (model: --model, "
+                             f"default {CHEAPER_MODEL})")
+    recipe = parser.add_argument_group(
+        "the recipe", "Each flag below, and --epochs, --batch-size, --lr, --early-stop-count and\n"
+                      "--validations-per-epoch above, sets one entry of the model's recipe (task3.RECIPES) for every\n"
+                      "model run; left out, each model keeps its own value, shown as vgg / resnet.")
+
+    def add(flag, help, **kwargs):
+        key = flag.removeprefix("--").replace("-", "_")
+        recipe.add_argument(flag, default=None, help=f"{help} (default: {recipe_defaults(key)})", **kwargs)
+
+    add("--widths", type=utils.positive_int, nargs=3, metavar=("C1", "C2", "C3"), help="filters of the three stages")
+    add("--optimizer", choices=("sgd", "muon"),
+        help="sgd: Nesterov SGD for every parameter; muon: Muon for the conv filters, SGD for the rest")
+    add("--momentum", type=utils.fraction, help="SGD's Nesterov momentum")
+    add("--weight-decay", type=utils.non_negative_float,
+        help="fraction of each weight removed per 1024 images, whatever the learning rate")
+    add("--bias-lr-scale", type=utils.positive_float, help="batch-norm shifts train at this multiple of --lr")
+    add("--muon-lr", type=utils.positive_float,
+        help="with muon: the fraction of their norm the filters move per step, whatever --batch-size")
+    add("--muon-momentum", type=utils.fraction, help="with muon: the filters' Nesterov momentum")
+    add("--lr-start", type=utils.fraction, help="every rate at the first step, as a fraction of its peak")
+    add("--lr-peak-at", type=utils.fraction, help="the fraction of the steps at which the rates peak")
+    add("--final-lr-scale", type=utils.fraction,
+        help="every rate at the last step, as a fraction of its peak (airbench94_muon decays to 0)")
+    add("--label-smoothing", type=utils.fraction, help="of the training loss")
+    add("--lookahead", action=argparse.BooleanOptionalAction, help="Lookahead weight averaging")
+    add("--lookahead-start-epoch", type=utils.non_negative_int, help="epochs before the averaging starts")
+    add("--lookahead-every", type=utils.positive_int, help="images between two averaging updates")
+    add("--lookahead-decay", type=utils.fraction,
+        help="the fraction of the average an update keeps at the end of training")
+    add("--whitening", action=argparse.BooleanOptionalAction,
+        help="fixed whitening filters first; --no-whitening: an ordinary, learnt first layer")
+    add("--whiten-images", type=utils.positive_int, help="training images the whitening is fitted to")
+    add("--whiten-eps", type=utils.positive_float,
+        help="added to each variance of the 2x2 patches before whitening: directions with much less variance "
+             "than this are damped instead of scaled up to unit variance")
+    add("--whiten-bias-epochs", type=utils.non_negative_int,
+        help="epochs the whitening layer's bias trains before it is frozen")
+    add("--augmentation", action=argparse.BooleanOptionalAction,
+        help="random translations and flips of the training images")
+    add("--translate", type=utils.non_negative_int,
+        help="largest random translation of a training image, pixels each way")
+    add("--border", choices=("reflect", "zeros"), help="what a translation brings in at the image's edge")
+    add("--flip", choices=("alternate", "random"),
+        help="alternate: each image mirrored in every other epoch; random: a coin per image and epoch")
+    add("--crop-sizes", type=utils.positive_int, nargs="*",
+        help="progressive resizing: the side in pixels of the random crops each of the first epochs trains on, "
+             "one value per epoch (say 24 24 24 28 28 28 28), whole images after them; a crop costs "
+             "(side / 32)^2 of a whole image's work")
+    add("--tta-level", type=int, choices=(0, 1, 2),
+        help="test-time augmentation reported besides the plain accuracy: 0 none, 1 mirror, "
+             "2 mirror and 1-pixel shifts")
+    return parser
+
+
+def recipe_defaults(key):
+    """The recipes' values of `key` for --help: "10 / 8" (vgg / resnet), or one value where the models agree."""
+    def text(value):
+        return " ".join(map(str, value)) or "none" if isinstance(value, list) else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+
+    values = dict.fromkeys(text(RECIPES[m][key]) for m in MODELS)
+    return " / ".join(values)
+
+
+def recipe_from(model_name, args):
+    """The model's recipe with the command line's overrides."""
+    flags = {key: getattr(args, "learning_rate" if key == "lr" else key) for key in RECIPES[model_name]}
+    return dict(RECIPES[model_name], **{key: value for key, value in flags.items() if value is not None})
+
+
+def check_recipe(recipe, parser):
+    """Refuse a recipe the assignment or the loaders cannot take, naming the flag."""
+    if recipe["epochs"] > MAX_EPOCHS:
+        parser.error(f"--epochs: Task 3 allows at most {MAX_EPOCHS} epochs")
+    if any(not 8 <= size <= 32 + 2 * recipe["translate"] for size in recipe["crop_sizes"]):
+        parser.error(f"--crop-sizes: each from 8 to {32 + 2 * recipe['translate']} pixels "
+                     f"(the image padded by --translate)")
 
 
 def main(argv=()):
     """Train, summarise and plot; `argv` as on the command line (the defaults when called with none)."""
-    parser = utils.common_parser("task3.py", __doc__, epochs=None, batch_size=256, learning_rate=1.5,
-                                 early_stop_count=4, validations_per_epoch=1)
-    parser.add_argument("--model", choices=[*MODELS, "all"], default="all", help="which network to train")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: --seed)")
-    parser.add_argument("--widths", type=utils.positive_int, nargs=3, default=None, metavar=("C1", "C2", "C3"),
-                        help="filters of the three stages (default: each model's own, vgg 64 256 256, "
-                             "resnet 32 128 128)")
-    parser.add_argument("--ablate", choices=TECHNIQUES, default=None,
-                        help=f"train with and without this technique and compare (model: --model, "
-                             f"default {CHEAPER_MODEL})")
-    parser.add_argument("--optimizer", choices=("sgd", "muon"), default=None,
-                        help="sgd: Nesterov SGD for every parameter; muon: Muon for the conv filters, SGD for the "
-                             "rest (default: each model's recipe: " + ", ".join(
-                                 f"{name} {recipe['optimizer']}" for name, recipe in RECIPES.items()) + ")")
-    parser.add_argument("--momentum", type=utils.fraction, default=0.85, help="SGD's Nesterov momentum")
-    parser.add_argument("--muon-lr", type=utils.positive_float, default=0.03,
-                        help="with --optimizer muon: the filters' rate, the fraction of their norm an update "
-                             "moves them per step, whatever --batch-size")
-    parser.add_argument("--muon-momentum", type=utils.fraction, default=0.85,
-                        help="with --optimizer muon: the filters' Nesterov momentum")
-    parser.add_argument("--weight-decay", type=utils.non_negative_float, default=2e-3,
-                        help="fraction of each weight removed per step of 1024 images, whatever the "
-                             "learning rate (scaled with --batch-size, like --lr)")
-    parser.add_argument("--bias-lr-scale", type=utils.positive_float, default=64.0,
-                        help="batch-norm shifts train at this multiple of --lr")
-    parser.add_argument("--whiten-eps", type=utils.positive_float, default=5e-4,
-                        help="added to each variance of the 2x2 patches before whitening: directions with much "
-                             "less variance than this are damped instead of scaled up to unit variance")
-    parser.add_argument("--whiten-bias-epochs", type=utils.non_negative_int, default=3,
-                        help="epochs the whitening layer's bias trains before it is frozen")
-    parser.add_argument("--final-lr-scale", type=utils.fraction, default=0.07,
-                        help="every rate at the last step, as a fraction of its peak (airbench94's 0.07; "
-                             "airbench94_muon decays to 0)")
-    parser.add_argument("--label-smoothing", type=utils.fraction, default=0.2, help="of the training loss")
-    parser.add_argument("--translate", type=utils.non_negative_int, default=2,
-                        help="largest random translation of a training image, pixels each way")
-    parser.add_argument("--crop-sizes", type=utils.positive_int, nargs="*", default=[],
-                        help="progressive resizing: the side in pixels of the random crops each of the first "
-                             "epochs trains on, one value per epoch (say 24 24 24 28 28 28 28), whole images "
-                             "after them; a crop costs (side / 32)^2 of a whole image's work")
-    parser.add_argument("--tta-level", type=int, choices=(0, 1, 2), default=2,
-                        help="test-time augmentation reported besides the plain accuracy: 0 none, "
-                             "1 mirror, 2 mirror and 1-pixel shifts")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epochs is not None and args.epochs > MAX_EPOCHS:
-        parser.error(f"--epochs: Task 3 allows at most {MAX_EPOCHS} epochs")
-    if any(not 8 <= size <= 32 + 2 * args.translate for size in args.crop_sizes):
-        parser.error(f"--crop-sizes: each from 8 to {32 + 2 * args.translate} pixels (the image padded by --translate)")
     args.seeds = args.seeds or [args.seed]
     models = [CHEAPER_MODEL if args.model == "all" else args.model] if args.ablate else \
         (list(MODELS) if args.model == "all" else [args.model])
+    recipes = {model_name: recipe_from(model_name, args) for model_name in models}
+    for recipe in recipes.values():
+        check_recipe(recipe, parser)
     if args.resume:
         names = ([run_name(models[0], args.seeds[0], without) for without in (None, args.ablate)]
                  if args.ablate else [run_name(m, seed) for m in models for seed in args.seeds])
-        if not any((pathlib.Path("checkpoints") / name / "last.ckpt").is_file() for name in names):
-            raise utils.UserError(f"--resume: nothing to resume at 'checkpoints/{names[0]}/last.ckpt' (nor for "
+        if not any(last_checkpoint(name).is_file() for name in names):
+            raise utils.UserError(f"--resume: nothing to resume at '{last_checkpoint(names[0])}' (nor for "
                                   f"the other runs these flags name); leave out --resume to start")
     if args.ablate:
-        ablate(models[0], args.ablate, model_args(models[0], args))
+        ablate(models[0], args.ablate, recipes[models[0]], args)
         return
-    for model_name in models:
-        write_layer_table(model_name, args)
+    for model_name, recipe in recipes.items():
+        write_layer_table(model_name, recipe)
         for seed in args.seeds:
-            trainer = train_one(model_name, model_args(model_name, args), seed)
+            trainer = train_one(model_name, recipe, seed, args)
             create_plots(trainer, trainer.name, args.show)
-    write_table(summary_table(), "results/task3_summary.md")
+    write_table(summary_table(seed_runs(utils.read_results("results"))), "results/task3_summary.md")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,11 @@ def imagenet_state_dict(weights_path=None):
     if weights_path is not None:
         if not os.path.isfile(weights_path):
             raise utils.UserError(f"--weights {weights_path}: no such file")
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001  (empty, cut short, not a PyTorch file: unreadable either way)
+            raise utils.UserError(f"--weights {weights_path}: not a readable PyTorch file ({type(error).__name__}); "
+                                  f"copy {os.path.basename(WEIGHTS.url)} over again") from None
         expected = torchvision.models.resnet18().state_dict()
         if not isinstance(state_dict, dict) or state_dict.keys() != expected.keys():
             raise utils.UserError(f"--weights {weights_path}: not a state dict of torchvision's ResNet18 "
@@ -90,8 +94,8 @@ def count_parameters(model):
             sum(p.numel() for p in model.parameters()))
 
 
-def main(argv=()):
-    """Fine-tune, evaluate and plot; `argv` as on the command line (the defaults when called with none)."""
+def build_parser():
+    """The command line, with Task 4a's settings as defaults (the report states them before a run)."""
     parser = utils.common_parser("task4a.py", __doc__, epochs=5, batch_size=32, learning_rate=5e-4,
                                  early_stop_count=4)
     parser.add_argument("--image-size", type=utils.positive_int, default=224,
@@ -102,6 +106,12 @@ def main(argv=()):
                         help="random initial weights: smoke tests only, the results mean nothing")
     parser.add_argument("--keep-imagenet-bn-stats", action="store_true",
                         help="frozen layers' batch norms keep ImageNet's statistics instead of re-estimating them")
+    return parser
+
+
+def main(argv=()):
+    """Fine-tune, evaluate and plot; `argv` as on the command line (the defaults when called with none)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.no_pretrained and args.weights:
         parser.error("--weights and --no-pretrained exclude each other")

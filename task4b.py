@@ -41,7 +41,9 @@ def load_model(checkpoint, weights_path, device):
         print(f"model: the fine-tuned Task 4a ResNet18 from '{checkpoint}'")
         model = task4a.TransferResNet18(num_classes=10)
         try:
-            model.load_state_dict(utils.load_checkpoint(checkpoint, device)["model"])
+            model.load_state_dict(utils.load_checkpoint(
+                checkpoint, device, remedy="run task4a.py again, or pass --checkpoint none to use ImageNet's weights")
+                ["model"])
         except (KeyError, RuntimeError) as error:
             raise utils.UserError(f"'{checkpoint}' does not hold a Task 4a model ({error})") from None
     else:

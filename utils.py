@@ -9,7 +9,6 @@ import shlex
 import socket
 import sys
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -98,21 +97,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def common_parser(prog, description, *, epochs, batch_size, learning_rate, early_stop_count, validations_per_epoch=2):
-    """The flags every task script shares, with that script's defaults."""
+def common_parser(prog, description, *, epochs, batch_size, learning_rate, early_stop_count, validations_per_epoch=2,
+                  recipe_default=None):
+    """The flags every training script shares, with that script's defaults. A default of None leaves the value
+    to the model's recipe; recipe_default(key) then says what it is, for --help."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+    def recipe_note(default, key):
+        return f" (default: {recipe_default(key)})" if default is None else ""
+
     parser.add_argument("--data-dir", default="data/cifar10",
                         help="CIFAR-10 folder: torchvision's cifar-10-batches-py/ or train/<class>/ + "
                              "test/<class>/ image folders; downloaded here if absent")
     parser.add_argument("--epochs", type=positive_int, default=epochs,
-                        help="maximum number of epochs" + ("" if epochs else " (default: each model's recipe)"))
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch size")
+                        help="maximum number of epochs" + recipe_note(epochs, "epochs"))
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="training batch size" + recipe_note(batch_size, "batch_size"))
     parser.add_argument("--lr", dest="learning_rate", type=positive_float, default=learning_rate,
-                        help="learning rate")
+                        help="learning rate" + (" per 1024 images" if learning_rate is None else "")
+                             + recipe_note(learning_rate, "lr"))
     parser.add_argument("--early-stop-count", type=positive_int, default=early_stop_count,
-                        help="stop when the oldest of this many recent validation losses is the lowest")
+                        help="stop when the oldest of this many recent validation losses is the lowest"
+                             + recipe_note(early_stop_count, "early_stop_count"))
     parser.add_argument("--validations-per-epoch", type=positive_int, default=validations_per_epoch,
-                        help="how often per epoch the validation set is evaluated")
+                        help="how often per epoch the validation set is evaluated" + recipe_note(validations_per_epoch, "validations_per_epoch"))
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the train/validation split (kept apart from --seed on purpose)")
@@ -121,8 +129,12 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N, mps or cpu; default: CUDA, then Apple MPS, then CPU")
     parser.add_argument("--no-autocast", action="store_true",
-                        help="CUDA: train in float32 instead of mixed precision (bfloat16 where the GPU "
-                             "computes it natively, else float16 with a gradient scaler)")
+                        help="train in float32 instead of mixed precision: on CUDA bfloat16 where the GPU "
+                             "computes it natively, else float16 with a gradient scaler; on the CPU bfloat16 "
+                             "where the processor computes it natively (AVX512-BF16 or AMX), else float32 anyway")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="mixed precision in bfloat16 even where it is only emulated (a CPU without "
+                             "AVX512-BF16 or AMX, a GPU before Ampere): slower there than float32")
     parser.add_argument("--no-channels-last", action="store_true",
                         help="keep PyTorch's default NCHW memory format instead of channels-last "
                              "(the default on CUDA and the CPU)")
@@ -137,20 +149,18 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
     return parser
 
 
-# Settings that say where and how fast a run goes, not what it computes: --resume may change them.
-RESUME_MAY_CHANGE = {"device", "show", "resume", "checkpoint_every", "no_autocast", "no_channels_last", "compile",
-                     "precision", "channels_last", "compiled", "seeds"}
-
-
 def checkpoint_options(args, resume=None):
     """The Trainer's checkpoint keywords from the command line; `resume` overrides --resume for one run."""
     return dict(resume=args.resume if resume is None else resume, checkpoint_every_s=60 * args.checkpoint_every)
 
 
 def speed_options(args, device):
-    """The Trainer's speed keywords from the command line: mixed precision on CUDA, channels-last on CUDA
-    and the CPU (where it trained Task 3's VGG 1.31x as fast; see the README)."""
-    return dict(autocast_dtype=None if args.no_autocast else autocast_dtype(device),
+    """The Trainer's speed keywords from the command line: mixed precision on CUDA and on CPUs that compute
+    bfloat16 natively (autocast_dtype), channels-last on CUDA and the CPU (where it trained Task 3's VGG 1.31x
+    as fast; docs/results.md)."""
+    if args.no_autocast and args.bfloat16:
+        raise UserError("--no-autocast and --bfloat16 exclude each other: choose float32 or bfloat16")
+    return dict(autocast_dtype=None if args.no_autocast else autocast_dtype(device, args.bfloat16),
                 channels_last=device.type in ("cuda", "cpu") and not args.no_channels_last,
                 compile_model=args.compile)
 
@@ -192,12 +202,38 @@ def get_device(name=None):
     return device
 
 
-def autocast_dtype(device):
-    """Mixed precision for `device`: bfloat16 on GPUs that compute it natively (Ampere and later),
-    float16 on older ones (a T4: bfloat16 there is emulated, slower than float32); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+def autocast_dtype(device, bfloat16=False):
+    """Mixed precision for `device`, None for float32 throughout. CUDA: bfloat16 on GPUs that compute it
+    natively (Ampere and later), float16 on older ones (a T4: bfloat16 there is emulated, slower than float32).
+    CPU: bfloat16 where the processor computes it natively (cpu_computes_bfloat16), float32 elsewhere.
+    bfloat16=True asks for bfloat16 wherever it can run, emulated or not. MPS: float32."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native or bfloat16 else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if bfloat16 or cpu_computes_bfloat16() else None
+    return None
+
+
+def cpu_flags():
+    """The processor's feature flags as Linux lists them in /proc/cpuinfo; empty where there is no such file."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def cpu_computes_bfloat16():
+    """Whether this CPU computes bfloat16 in hardware: x86 processors with AVX512-BF16 (AMD Zen 4 and later,
+    Intel Cooper Lake) or AMX (Intel Sapphire Rapids and later), by the flags Linux reports (`lscpu`:
+    avx512_bf16, amx_bf16), elsewhere by PyTorch's own CPU check. Without them bfloat16 is emulated, and
+    slower than float32."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return any(getattr(torch.cpu, check, lambda: False)() for check in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def describe_device(device):
@@ -249,12 +285,39 @@ def save_json(data, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint dict onto `device`; only tensors and plain values are unpickled."""
+def read_results(results_dir):
+    """{file stem: contents} of every results file in `results_dir`. One that cannot be read (empty, cut short,
+    not JSON) is left out with a line saying so: the others still make their tables and the report."""
+    results = {}
+    for path in sorted(pathlib.Path(results_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a results file")
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            print(f"note: left out '{path}': it cannot be read as a results file ({type(error).__name__}); "
+                  f"run its command again to remake it")
+            continue
+        results[path.stem] = data
+    return results
+
+
+def load_checkpoint(path, device="cpu", remedy="run the command that made it again (without --resume)"):
+    """Read a checkpoint dict onto `device`; only tensors and plain values are unpickled. A missing, empty,
+    cut-short or foreign file is a UserError naming it and saying what to do (`remedy`)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at '{path}': train the model first")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001  (whatever torch.load says of a damaged file, it is damaged)
+        # PyTorch's own message for a foreign file advises weights_only=False: never do that with a file one
+        # cannot trust, so the message is not passed on.
+        raise UserError(f"'{path}' is not a readable checkpoint (empty, cut short or damaged: "
+                        f"{type(error).__name__}); {remedy}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"'{path}' is not a checkpoint of this project; {remedy}")
+    return checkpoint
 
 
 # ---------------------------------------------------------------- plots
@@ -273,7 +336,7 @@ def plot_history(ax, history, label, smoothing=0.0, **style):
     steps, values = list(history.keys()), list(history.values())
     if smoothing > 0:
         line, = ax.plot(steps, values, alpha=0.2, linewidth=1, **style)
-        ax.plot(steps, smooth(values, smoothing), label=f"{label} (smoothed)", color=line.get_color())
+        ax.plot(steps, smooth(values, smoothing), label=f"{label} (smoothed)", **dict(style, color=line.get_color()))
     else:
         ax.plot(steps, values, label=label, marker="o", markersize=3, **style)
 
@@ -285,13 +348,21 @@ def add_epoch_axis(ax, steps_per_epoch):
     epochs.set_xlabel("epoch")
 
 
-def new_figure(ncols=1):
-    """A figure sized for a report page, with `ncols` axes side by side."""
-    return plt.subplots(1, ncols, figsize=(7 * ncols, 5), squeeze=False, layout="constrained")
+# Inches. A report figure is printed at its own size (16.3 cm wide), so its 10-point text stays 10 points.
+REPORT_FIGURE_SIZE = (6.4, 3.2)
+
+
+def new_figure(ncols=1, size=(7, 5)):
+    """A figure with `ncols` axes side by side, each `size` inches."""
+    import matplotlib.pyplot as plt  # here, not at the top: importing the loaders or the Trainer draws nothing
+
+    return plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]), squeeze=False, layout="constrained")
 
 
 def save_figure(fig, path, show=False):
     """Save `fig` as a PNG (creating its folder); show it only when asked, so headless runs never block."""
+    import matplotlib.pyplot as plt
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
@@ -301,22 +372,36 @@ def save_figure(fig, path, show=False):
     plt.close(fig)
 
 
+def finish_axes(ax, ylabel, steps_per_epoch, best_step=None):
+    """Label a plot over training steps: epochs on the top axis, the kept model's step dashed, grid, legend."""
+    if best_step is not None:
+        ax.axvline(best_step, color="gray", linestyle="--", linewidth=1, label="best model (kept)")
+    ax.set_xlabel("training step (batches)")
+    ax.set_ylabel(ylabel)
+    add_epoch_axis(ax, steps_per_epoch)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def draw_loss(ax, train_history, validation_history, steps_per_epoch, best_step=None):
+    """Training loss (per batch, smoothed) and validation loss (whole set) over training steps."""
+    plot_history(ax, train_history["loss"], "train batches", smoothing=0.95)
+    plot_history(ax, validation_history["loss"], "validation (whole set)")
+    finish_axes(ax, "cross-entropy loss", steps_per_epoch, best_step)
+
+
+def draw_accuracy(ax, train_history, validation_history, steps_per_epoch, best_step=None):
+    """Validation accuracy (whole set) over training steps, with the training batches' accuracy (smoothed)."""
+    plot_history(ax, train_history["accuracy"], "train batches", smoothing=0.95)
+    plot_history(ax, validation_history["accuracy"], "validation (whole set)")
+    finish_axes(ax, "accuracy", steps_per_epoch, best_step)
+
+
 def plot_training(train_history, validation_history, steps_per_epoch, path, best_step=None, show=False):
-    """Loss panel (train smoothed + validation) and validation-accuracy panel, over steps; saved to `path`."""
+    """Loss panel and accuracy panel over training steps (draw_loss, draw_accuracy); saved to `path`."""
     fig, axes = new_figure(ncols=2)
-    loss_ax, accuracy_ax = axes[0]
-    plot_history(loss_ax, train_history["loss"], "train batches", smoothing=0.95)
-    plot_history(loss_ax, validation_history["loss"], "validation (whole set)")
-    loss_ax.set_ylabel("cross-entropy loss")
-    plot_history(accuracy_ax, validation_history["accuracy"], "validation (whole set)", color="tab:orange")
-    accuracy_ax.set_ylabel("accuracy")
-    for ax in (loss_ax, accuracy_ax):
-        if best_step is not None:
-            ax.axvline(best_step, color="gray", linestyle="--", linewidth=1, label="best model (kept)")
-        ax.set_xlabel("training step (batches)")
-        add_epoch_axis(ax, steps_per_epoch)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    draw_loss(axes[0][0], train_history, validation_history, steps_per_epoch, best_step)
+    draw_accuracy(axes[0][1], train_history, validation_history, steps_per_epoch, best_step)
     save_figure(fig, path, show)
 
 
@@ -324,6 +409,34 @@ def create_plots(trainer, name, show=False):
     """plots/<name>_plot.png: train and validation loss, and validation accuracy, over training steps."""
     plot_training(trainer.train_history, trainer.validation_history, trainer.steps_per_epoch,
                   f"plots/{name}_plot.png", trainer.best_step, show)
+
+
+def steps_as_numbers(history):
+    """{"12": value} -> {12: value}: a results file's history as the plots take it (JSON keeps keys as strings)."""
+    return {int(step): value for step, value in history.items()}
+
+
+def draw_ablation(ax, ablation):
+    """Task 3d on `ax`: training and validation loss with and without the technique of an ablation results file
+    (results/task3_ablation_<technique>.json). The run without is drawn first and dashed, in colours of its own,
+    so that neither hides the other where they overlap."""
+    technique = ablation["technique"].replace("_", " ")
+    for label, train_colour, validation_colour, line in (("without", "tab:red", "tab:purple", "--"),
+                                                         ("with", "tab:blue", "tab:green", "-")):
+        histories = ablation["loss_histories"][label]
+        plot_history(ax, steps_as_numbers(histories["train"]), f"train batches, {label} {technique}",
+                     smoothing=0.95, color=train_colour, linestyle=line)
+        plot_history(ax, steps_as_numbers(histories["validation"]), f"validation, {label} {technique}",
+                     color=validation_colour, linestyle=line)
+    ax.set_title(f"{ablation['model']}: with and without {technique}, seed {ablation['seed']}")
+    finish_axes(ax, "cross-entropy loss", ablation["steps_per_epoch"])
+
+
+def plot_ablation(ablation, path, show=False):
+    """plots/task3_ablation_<technique>.png from an ablation results file (see draw_ablation)."""
+    fig, axes = new_figure()
+    draw_ablation(axes[0][0], ablation)
+    save_figure(fig, path, show)
 
 
 # ---------------------------------------------------------------- model summaries

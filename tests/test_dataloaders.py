@@ -82,9 +82,9 @@ def test_missing_dataset_offline_names_folder_layouts_and_flag(tmp_path, offline
 
 
 def test_values_match_torchvision_transforms(folder_dir):
-    _, val, test = load(folder_dir, mean=dataloaders.mean, std=dataloaders.std)
+    _, val, test = load(folder_dir, mean=dataloaders.COURSE_MEAN, std=dataloaders.COURSE_STD)
     images, labels = all_batches(test)
-    reference = T.Compose([T.ToTensor(), T.Normalize(dataloaders.mean, dataloaders.std)])
+    reference = T.Compose([T.ToTensor(), T.Normalize(dataloaders.COURSE_MEAN, dataloaders.COURSE_STD)])
     for index, name in ((0, "airplane/0000.png"), (37, "cat/0007.png"), (99, "truck/0009.png")):
         expected = reference(Image.open(folder_dir / "test" / name).convert("RGB"))
         assert torch.equal(images[index], expected)

@@ -1,6 +1,7 @@
-"""task1.py's answers, report.py, create_submission_zip.py, and every script's --help."""
+"""task1.py's answers, create_submission_zip.py, and every script's --help."""
 import importlib
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 
 import create_submission_zip
-import report
 import task1
 import utils
 
@@ -51,40 +51,12 @@ def test_task1_answers_and_their_printout(tmp_path, capsys):
     assert "### Task 1g" in markdown and "390,410" in markdown and zero_rows[0] in markdown
 
 
-def test_report_from_nothing_names_the_commands(tmp_path):
-    blocks = report.main(["--results-dir", str(tmp_path / "none"), "--plots-dir", str(tmp_path / "none"),
-                          "--output-dir", str(tmp_path / "report")])
-    markdown = (tmp_path / "report/report.md").read_text()
-    for command in ("python task2.py", "python task3.py --seeds 0 1 2", "python task3.py --ablate augmentation",
-                    "python task4a.py", "python task4b.py"):
-        assert f"run `{command}`" in markdown
-    for question in ("1a", "1g", "2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f", "4a", "4b", "4c"):
-        assert f"Task {question}" in markdown
-    assert markdown.count("> **TO WRITE:**") == 5 and "390,410" in markdown and "1,972,792" in markdown
-    assert (tmp_path / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
-    assert any(block[0] == "todo" for block in blocks)
-
-
-def test_report_from_a_tiny_run(tmp_path, monkeypatch, pickled_dir):
-    import task2
-
-    monkeypatch.chdir(tmp_path)
-    task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--batch-size", "32", "--device", "cpu"])
-    report.main([])
-    final = json.loads((tmp_path / "results/task2.json").read_text())["final"]
-    markdown = (tmp_path / "report/report.md").read_text()
-    assert f"| {final['test_accuracy']:.3f} |" in markdown
-    assert "![Task 2a" in markdown and "../plots/task2_plot.png" in markdown
-    assert "No results for Task 2" not in markdown and "No results for Task 4a" in markdown
-    assert (tmp_path / "report/report.pdf").stat().st_size > 50_000  # the plot is embedded
-
-
 def test_zip_holds_the_sources_and_nothing_from_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the zip goes here; the repo's own data/, results/ ... must stay out
     files = create_submission_zip.main(["--yes"])
     names = set(zipfile.ZipFile(tmp_path / "assignment_code.zip").namelist())
     expected = {"dataloaders.py", "trainer.py", "utils.py", "task1.py", "task2.py", "task3.py", "task4a.py",
-                "task4b.py", "report.py", "create_submission_zip.py", "benchmark.py", "requirements.txt",
+                "task4b.py", "optim.py", "report.py", "create_submission_zip.py", "benchmark.py", "requirements.txt",
                 "README.md", "tests/conftest.py"}
     assert expected <= names and len(files) == len(names)
     assert not any(name.split("/")[0] in ("data", "checkpoints", "results", "plots", ".venv", "report")
@@ -118,14 +90,6 @@ def test_zip_never_asks_without_a_terminal_and_keeps_nothing_half_written(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["assignment_code.zip"]
 
 
-def test_report_image_links_reach_the_plots_from_any_output_folder(tmp_path):
-    plot = tmp_path / "runs" / "plots" / "task2_plot.png"
-    for output_dir in (tmp_path / "runs" / "report", tmp_path / "elsewhere" / "deeper"):
-        link = report.image_link(plot, output_dir)
-        assert not Path(link).is_absolute() and (output_dir / link).resolve() == plot.resolve()
-    assert report.image_link(plot, tmp_path / "runs" / "report") == "../plots/task2_plot.png"
-
-
 @pytest.mark.parametrize("script", ["task2", "task3", "task4a", "task4b", "benchmark", "report", "create_submission_zip"])
 def test_help_states_every_default_and_no_none(script, capsys):
     module = importlib.import_module(script)
@@ -134,3 +98,32 @@ def test_help_states_every_default_and_no_none(script, capsys):
     text = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage:" in text
     assert "(default: " in text and "(default: None)" not in text  # a flag without a default says what then
+
+
+SCRIPTS = ["task1", "task2", "task3", "task4a", "task4b", "report", "create_submission_zip"]
+
+
+def help_flags(script, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main(["--help"])
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", capsys.readouterr().out)) - {"--help"}
+
+
+def readme_flags(text):
+    """Every flag the text names in backticks; `--[no-]x` names --x and --no-x."""
+    flags = set()
+    for flag in re.findall(r"`(--(?:\[no-\])?[a-z][a-z0-9-]*)", text):
+        flags |= {flag.replace("[no-]", ""), flag.replace("[no-]", "no-")} if "[no-]" in flag else {flag}
+    return flags - {"--help"}
+
+
+def test_the_readme_names_each_scripts_flags_as_its_help_does(capsys):
+    readme = (REPO / "README.md").read_text()
+    helps = {script: help_flags(script, capsys) for script in SCRIPTS}
+    named = readme_flags(readme)
+    assert named <= set().union(*helps.values()), named - set().union(*helps.values())  # no flag that is not
+    assert set().union(*helps.values()) <= named, set().union(*helps.values()) - named  # every flag explained
+    shared = readme_flags(readme[readme.index("## Flags of the training scripts"):readme.index("## Task 1")])
+    for script in ("task2", "task3", "task4a"):
+        assert shared <= helps[script], (script, shared - helps[script])
+    assert helps["task1"] == {"--output"}

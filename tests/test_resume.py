@@ -12,7 +12,8 @@ import torch
 import task2
 import task3
 import utils
-from trainer import Lookahead, Trainer
+from optim import Lookahead
+from trainer import Trainer
 from test_trainer import make_loaders, small_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_an_interrupted_task2_run_resumes_to_identical_results(tmp_path, pickled
     if kill_signal == "SIGKILL":
         assert last["global_step"] == 6 and not (tmp_path / "results/task2.json").exists()
     else:  # saved at the step it stopped, and one line says how to go on
-        assert last["global_step"] == kill_at and last["step_in_epoch"] == kill_at % 11
+        assert last["global_step"] == kill_at and last["train_loader"]["epoch"] == kill_at // 11  # mid-epoch
         message = stopped.stderr.strip().splitlines()[-1]
         assert message.startswith(f"{kill_signal} at step {kill_at} (epoch ")
         assert message.endswith(f"resume with: python {' '.join(argv)} --resume")
@@ -202,7 +203,7 @@ def test_checkpoints_come_every_few_minutes_between_validations(tmp_path, monkey
     trainer = Trainer(16, 0.05, 10, 1, small_model(), make_loaders(n_train=160), device=torch.device("cpu"),
                       checkpoint_dir=tmp_path / "c", results_dir=tmp_path / "r", validations_per_epoch=1,
                       checkpoint_every_s=250)
-    monkeypatch.setattr(trainer, "save_model", lambda filename: saves.append((filename, trainer.global_step)))
+    monkeypatch.setattr(trainer, "save_run_state", lambda filename: saves.append((filename, trainer.global_step)))
     monkeypatch.setattr(trainer, "load_best_model", lambda: None)
     trainer.train()
     last = [step for filename, step in saves if filename == "last.ckpt"]

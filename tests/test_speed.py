@@ -2,6 +2,7 @@
 import argparse
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from test_trainer import make_trainer
 
 
 def flags(**overrides):
-    return argparse.Namespace(**dict(dict(no_autocast=False, no_channels_last=False, compile=False), **overrides))
+    return argparse.Namespace(**dict(dict(no_autocast=False, bfloat16=False, no_channels_last=False, compile=False), **overrides))
 
 
 class CompileSpy:
@@ -50,6 +51,7 @@ def compile_spy(monkeypatch):
 
 def test_speed_defaults_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(utils, "cpu_flags", lambda: {"avx2", "fma"})  # a CPU that only emulates bfloat16
     assert utils.speed_options(flags(), cpu) == dict(autocast_dtype=None, channels_last=True, compile_model=False)
     assert utils.speed_options(flags(no_channels_last=True), cpu)["channels_last"] is False
     assert utils.speed_options(flags(), torch.device("mps"))["channels_last"] is False
@@ -115,7 +117,7 @@ def record_forward_precision(monkeypatch):
 @pytest.mark.parametrize("extra, expected", [([], torch.bfloat16), (["--no-autocast"], None)])
 def test_the_autocast_flag_reaches_the_training_step(tmp_path, monkeypatch, pickled_dir, extra, expected):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(utils, "autocast_dtype", lambda device: torch.bfloat16)  # as on an Ampere GPU
+    monkeypatch.setattr(utils, "autocast_dtype", lambda device, bfloat16=False: torch.bfloat16)  # an Ampere GPU
     seen = record_forward_precision(monkeypatch)
     trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--batch-size", "180", "--device", "cpu",
                           *extra])
@@ -146,6 +148,7 @@ def number(cell):
 
 def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, pickled_dir, compile_spy):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "cpu_flags", lambda: {"avx2", "fma"})  # a CPU that only emulates bfloat16
     out = tmp_path / "bench.md"
     benchmark.main(["--data-dir", str(pickled_dir), "--device", "cpu", "--models", "task2", "task4a",
                     "--image-size", "40", "--steps", "2", "--warmup-steps", "1", "--repeats", "2",
@@ -159,7 +162,8 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
         assert number(standard) > 0 and number(ours) > 0
         assert number(ratio) == pytest.approx(number(ours) / number(standard), rel=0.05, abs=0.06)
 
-    labels = ["standard, float32", "ours, float32", "ours + channels-last", "ours + torch.compile",
+    labels = ["standard, float32", "ours, float32", "ours + bfloat16 autocast (emulated)", "ours + channels-last",
+              "ours + torch.compile",
               "ours, the defaults + torch.compile (--compile)"]  # on a CPU the defaults are channels-last
     assert [(row[0], row[1]) for row in tables[2]] == [("Task 2 CNN", label) for label in labels] + [
         ("Task 4a ResNet18 at 40x40", label) for label in labels]
@@ -190,3 +194,34 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     lowest, highest = (standard_s - 0.05) / (our_s + 0.05), (standard_s + 0.05) / max(our_s - 0.05, 0.01)
     assert lowest - 0.05 <= number(our_run[5]) <= highest + 0.05
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results").exists()  # nothing of a user's
+
+
+@pytest.mark.parametrize("flags_, native", [({"avx2", "avx512f", "avx512_bf16"}, True), ({"avx2", "amx_bf16", "amx_tile"}, True),
+                                           ({"avx2", "avx512f", "fma"}, False)])
+def test_cpus_that_compute_bfloat16_natively_train_in_it_by_default(monkeypatch, flags_, native):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags_)
+    assert utils.cpu_computes_bfloat16() is native
+    assert utils.speed_options(flags(), cpu)["autocast_dtype"] == (torch.bfloat16 if native else None)
+    assert utils.speed_options(flags(no_autocast=True), cpu)["autocast_dtype"] is None  # float32 when asked
+    assert utils.speed_options(flags(bfloat16=True), cpu)["autocast_dtype"] == torch.bfloat16  # even emulated
+    with pytest.raises(utils.UserError, match="exclude each other"):
+        utils.speed_options(flags(no_autocast=True, bfloat16=True), cpu)
+
+
+def test_the_cpu_flags_are_read_from_proc_cpuinfo_where_linux_has_it():
+    flags_ = utils.cpu_flags()
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo here")
+    assert "fpu" in flags_ or "fp" in flags_ or flags_ == set()  # x86 lists fpu; some ARM kernels list no flags
+
+
+def test_bfloat16_on_the_cpu_trains_with_float32_weights_and_says_so(tmp_path, monkeypatch, pickled_dir):
+    monkeypatch.chdir(tmp_path)
+    seen = record_forward_precision(monkeypatch)
+    trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--device", "cpu", "--bfloat16"])
+    assert set(seen) == {torch.bfloat16} and trainer.settings["precision"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    results = json.loads((tmp_path / "results/task2.json").read_text())
+    assert results["settings"]["precision"] == "bfloat16" and results["final"]["test_accuracy"] > 0.1
+    assert all(isinstance(v, float) for v in results["train_history"]["loss"].values())

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import optim
 import task2
 import task3
 import utils
@@ -81,16 +82,16 @@ def test_a_short_run_learns_and_writes_tables_and_plots(tmp_path, monkeypatch, p
         losses = list(run["train_history"]["loss"].values())
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
         assert run["final"]["val_accuracy"] > 0.3  # ten easy classes: chance is 0.1
-        assert run["settings"]["augmentation"] is True and run["settings"]["flip"] == "alternate"
+        assert run["settings"]["recipe"]["augmentation"] is True and run["settings"]["recipe"]["flip"] == "alternate"
         assert run["settings"]["lookahead"] is True and run["settings"]["tta_level"] == 2
-        assert run["optimizer"]["name"] == "Muon" and run["settings"]["optimizer"] == "muon"  # resnet's recipe
+        assert run["optimizer"]["name"] == "Muon" and run["settings"]["recipe"]["optimizer"] == "muon"  # resnet's recipe
         assert "label smoothing 0.2" in run["loss"]
         assert {"test_accuracy_tta", "val_accuracy_tta", "test_loss_tta"} <= set(run["final"])
         assert run["dataset_sizes"] == dict(train=360, val=40, test=100) and run["command"].startswith("python")
     assert runs[0]["final"] != runs[1]["final"]  # the seeds differ
     summary = (tmp_path / "results/task3_summary.md").read_text()
     accuracies = [r["final"]["test_accuracy"] for r in runs]
-    assert f"{sum(accuracies) / 2:.3f} ± " in summary and "| resnet | 0, 1 |" in summary
+    assert f"| {task3.mean_std(accuracies)} |" in summary and "| resnet | 0, 1 |" in summary
     assert "| total |  |  |  | 498,104 |" in (tmp_path / "results/task3_resnet_layers.md").read_text()
     assert (tmp_path / "plots/task3_resnet_seed1_plot.png").is_file()
 
@@ -127,7 +128,7 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, mon
     task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--batch-size", "64", "--device", "cpu",
                 "--optimizer", "muon", "--muon-lr", "0.05", "--muon-momentum", "0.6", "--final-lr-scale", "0"])
     trainer = seen["trainer"]
-    assert isinstance(trainer.optimizer, task3.Muon)
+    assert isinstance(trainer.optimizer, optim.Muon)
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     filters = groups["conv filters"]
     assert filters["orthogonalize"] and filters["momentum"] == 0.6 and filters["weight_decay"] == 0
@@ -136,12 +137,12 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest(pickled_dir, tmp_path, mon
     assert len(convs) == 6 and {id(p) for p in filters["params"]} == {id(p) for p in convs}
     others = [g for name, g in groups.items() if name != "conv filters"]
     assert not any(g["orthogonalize"] for g in others) and all(g["momentum"] == 0.85 for g in others)
-    assert trainer.settings["optimizer"] == "muon" and trainer.settings["muon_lr"] == 0.05
+    assert trainer.settings["recipe"]["optimizer"] == "muon" and trainer.settings["recipe"]["muon_lr"] == 0.05
     for _ in range(10 * trainer.steps_per_epoch):  # --final-lr-scale 0: every rate ends at zero
         trainer.optimizer.step()
         trainer.scheduler.step()
     assert filters["lr"] == 0 and groups["other"]["lr"] == 0 and groups["norm biases"]["lr"] == 0
-    assert trainer.settings["schedule"].endswith("x0 at the end")
+    assert trainer.settings["recipe"]["final_lr_scale"] == 0
 
 
 def test_each_model_trains_with_its_recipe_unless_the_command_line_says_otherwise(pickled_dir, tmp_path, monkeypatch):
@@ -150,7 +151,7 @@ def test_each_model_trains_with_its_recipe_unless_the_command_line_says_otherwis
     monkeypatch.setattr(task3.Trainer, "train", lambda self: trainers.append(self))
     flags = ["--data-dir", str(pickled_dir), "--batch-size", "64", "--device", "cpu"]
     task3.main(flags)
-    recipes = {t.name: (type(t.optimizer).__name__, t.epochs, t.settings["optimizer"], t.settings["epochs"])
+    recipes = {t.name: (type(t.optimizer).__name__, t.epochs, t.settings["recipe"]["optimizer"], t.settings["epochs"])
                for t in trainers}
     assert recipes == {"task3_vgg_seed0": ("SGD", 10, "sgd", 10), "task3_resnet_seed0": ("Muon", 8, "muon", 8)}
     trainers.clear()
@@ -163,7 +164,7 @@ def test_progressive_crops_reach_the_training_loader_and_the_results(pickled_dir
     task3.main(["--data-dir", str(pickled_dir), "--model", "resnet", "--epochs", "3", "--batch-size", "60",
                 "--device", "cpu", "--crop-sizes", "20", "24"])
     run = json.loads((tmp_path / "results/task3_resnet_seed0.json").read_text())
-    assert run["settings"]["crop_sizes"] == [20, 24] and run["epochs_run"] == 3
+    assert run["settings"]["recipe"]["crop_sizes"] == [20, 24] and run["epochs_run"] == 3
     assert run["final"]["val_accuracy"] > 0.2  # learns on crops, evaluated on whole images
     seen = {}
     monkeypatch.setattr(task3.Trainer, "train", lambda self: seen.setdefault("trainer", self))
@@ -180,7 +181,7 @@ def test_widths_set_the_stages_of_the_model_and_its_layer_table(pickled_dir, tmp
     task3.main(["--data-dir", str(pickled_dir), "--model", "vgg", "--device", "cpu", "--widths", "16", "32", "48"])
     convs = [m for m in seen["trainer"].model.modules() if isinstance(m, nn.Conv2d)][1:]  # after the whitening
     assert [c.out_channels for c in convs] == [16, 16, 32, 32, 48, 48]
-    assert seen["trainer"].settings["widths"] == [16, 32, 48]
+    assert seen["trainer"].settings["recipe"]["widths"] == [16, 32, 48]
     table = (tmp_path / "results/task3_vgg_layers.md").read_text()
     assert table.splitlines()[-1].endswith(f"| {sum(p.numel() for p in seen['trainer'].model.parameters()):,} |")
 
@@ -198,8 +199,9 @@ def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     assert without["settings"]["lookahead"] is False and without["settings"]["without"] == "lookahead"
     assert record["final"] == {"with": with_["final"], "without": without["final"]}
     table = (tmp_path / "results/task3_ablation.md").read_text()
-    assert f"| lookahead | resnet | 0 | {with_['final']['test_accuracy']:.3f} | {without['final']['test_accuracy']:.3f} |" in table
-    assert f"| lookahead (TTA) | resnet | 0 | {with_['final']['test_accuracy_tta']:.3f} |" in table
+    tta = with_["final"]["test_accuracy_tta"], without["final"]["test_accuracy_tta"]
+    assert f"| lookahead | resnet, 0 | {100 * tta[0]:.1f} % | {100 * tta[1]:.1f} % | {task3.points(tta[0] - tta[1])} |" in table
+    assert record["loss_histories"]["without"]["validation"] == without["validation_history"]["loss"]
     assert (tmp_path / "plots/task3_ablation_lookahead.png").stat().st_size > 20_000
     assert (tmp_path / "plots/task3_resnet_seed0_plot.png").is_file()
 
@@ -211,7 +213,7 @@ def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     assert "task3_resnet_seed0: made already with these settings" in capsys.readouterr().out
     assert reference.stat().st_mtime_ns == made
     assert json.loads((tmp_path / "results/task3_ablation_label_smoothing.json").read_text())["final"]["with"] == with_["final"]
-    assert "| label_smoothing | resnet | 0 |" in (tmp_path / "results/task3_ablation.md").read_text()
+    assert "| label smoothing | resnet, 0 |" in (tmp_path / "results/task3_ablation.md").read_text()
 
     # Other settings: the reference is trained again with them.
     task3.main([*flags[:3], "3", *flags[4:], "--ablate", "label_smoothing"])
@@ -225,10 +227,10 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
     monkeypatch.chdir(tmp_path)
     seen = []
     monkeypatch.setattr(task3.Trainer, "train", lambda self: None)  # built, not trained
-    monkeypatch.setattr(task3, "ablate", lambda model, tech, args: seen.append(task3.train_one(model, args, 0, tech)))
+    monkeypatch.setattr(task3, "ablate", lambda model, tech, recipe, args: seen.append(task3.train_one(model, recipe, 0, args, tech)))
     task3.main(["--data-dir", str(pickled_dir), "--ablate", technique, "--batch-size", "64", "--device", "cpu"])
     trainer = seen[0]
-    assert trainer.settings[setting] == value
+    assert trainer.settings["recipe"][setting] == value
     loader = trainer.dataloader_train
     assert loader.augment is (technique != "augmentation")
     assert loader.flip == ("random" if technique == "alternating_flip" else "alternate")
@@ -245,3 +247,30 @@ def test_bad_recipe_flags_are_refused_before_anything_runs(flags, capsys):
     with pytest.raises(SystemExit) as exit_:
         task3.main(flags)
     assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_every_entry_of_the_recipe_is_set_by_its_own_flag():
+    vgg = task3.RECIPES["vgg"]
+    for key, value in vgg.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv, expected = [f"--no-{flag[2:]}"], False
+        elif isinstance(value, list):
+            argv, expected = [flag, "24", "24", "24"] if key == "widths" else [flag, "24"], \
+                [24, 24, 24] if key == "widths" else [24]
+        elif key in ("optimizer", "border", "flip", "tta_level"):
+            expected = {"optimizer": "muon", "border": "zeros", "flip": "random", "tta_level": 1}[key]
+            argv = [flag, str(expected)]
+        elif isinstance(value, int):
+            argv, expected = [flag, str(value + 1)], value + 1
+        else:
+            argv, expected = [flag, str(value / 2)], value / 2
+        recipe = task3.recipe_from("vgg", task3.build_parser().parse_args(["--model", "vgg", *argv]))
+        assert recipe == dict(vgg, **{key: expected}), key  # that entry, and no other, changed
+    assert task3.recipe_from("vgg", task3.build_parser().parse_args([])) == vgg
+    assert task3.RECIPES["resnet"] == dict(vgg, widths=[32, 128, 128], optimizer="muon", epochs=8)
+
+
+def test_an_ablation_changes_the_recipe_in_its_own_entries_only():
+    for technique, removed in task3.TECHNIQUES.items():
+        assert removed and all(task3.RECIPES["resnet"][key] != value for key, value in removed.items()), technique

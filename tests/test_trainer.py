@@ -230,37 +230,6 @@ def test_freeze_after_stops_a_parameter_and_the_gradients_only_it_needed(tmp_pat
         make_trainer(tmp_path, freeze_after={"9.bias": 1})
 
 
-def test_lookahead_follows_its_formula_step_by_step():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    lookahead = trainer_module.Lookahead(total_steps=20, start_step=4, every=2, decay=0.5, power=2.0)
-    average = None
-    for step in range(1, 21):
-        with torch.no_grad():  # an "optimiser step": every float entry moves
-            for value in model.state_dict().values():
-                if value.is_floating_point():
-                    value.add_(torch.randn_like(value))
-        before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-        epoch_end = step % 10 == 0
-        lookahead.after_step(model, step, epoch_end)
-        after = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        if step < 4 or (step % 2 and average is None):
-            assert all(torch.equal(before[k], after[k]) for k in before)  # not started: untouched
-            continue
-        if step % 2 == 0:
-            if average is None:
-                average = before  # the first update only takes a copy
-            else:
-                rho = 0.5 * (step / 20) ** 2
-                average = {k: rho * average[k] + (1 - rho) * before[k] for k in before}
-            assert all(torch.allclose(after[k], average[k]) for k in before)  # the model is set to the average
-        elif epoch_end:
-            assert all(torch.allclose(after[k], average[k]) for k in before)
-        else:
-            assert all(torch.equal(before[k], after[k]) for k in before)
-    assert "1.running_mean" in average and "1.num_batches_tracked" not in average  # statistics too, counters not
-
-
 def test_test_time_augmentation_averages_the_model_over_its_views():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
@@ -270,11 +239,11 @@ def test_test_time_augmentation_averages_the_model_over_its_views():
     down_right, up_left = padded[..., :8, :8], padded[..., 2:, 2:]
     assert torch.equal(down_right[..., 1:, 1:], images[..., :7, :7]) and torch.equal(up_left[..., :7, :7], images[..., 1:, 1:])
     with torch.no_grad():
-        assert torch.equal(trainer_module.predict(model, images, 0), model(images))
+        assert torch.equal(trainer_module.predict_plain_and_views(model, images, 0)[1], model(images))
         level1 = (model(images) + model(mirror)) / 2
-        assert torch.allclose(trainer_module.predict(model, images, 1), level1)
+        assert torch.allclose(trainer_module.predict_plain_and_views(model, images, 1)[1], level1)
         views = [model(v) for v in (down_right, down_right.flip(-1), up_left, up_left.flip(-1))]
-        assert torch.allclose(trainer_module.predict(model, images, 2), level1 / 2 + sum(views) / 8, atol=1e-6)
+        assert torch.allclose(trainer_module.predict_plain_and_views(model, images, 2)[1], level1 / 2 + sum(views) / 8, atol=1e-6)
 
 
 def test_plain_and_tta_figures_come_from_one_pass_over_the_views():
@@ -300,75 +269,3 @@ def test_final_evaluation_reports_test_time_augmentation_beside_the_plain_figure
     expected = compute_loss_and_accuracy(trainer.dataloader_test, trainer.model, nn.CrossEntropyLoss(), tta_level=1)
     assert (final["test_loss_tta"], final["test_accuracy_tta"]) == pytest.approx(expected)
     assert "train_accuracy_tta" not in final and trainer.settings["tta_level"] == 1
-
-
-def test_parameter_groups_raise_norm_biases_and_decouple_weight_decay():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Linear(4, 2))
-    model[1].weight.requires_grad_(False)
-    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, norm_bias_lr_scale=64)}
-    assert [p is model[1].bias for p in groups["norm biases"]["params"]] == [True]
-    assert groups["norm biases"]["lr"] == pytest.approx(6.4)
-    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].weight), id(model[0].bias), id(model[2].weight),
-                                                         id(model[2].bias)}  # not the frozen norm scale
-    assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.01) for g in groups.values())
-
-
-def test_warmup_decay_is_a_triangle():
-    factor = trainer_module.warmup_decay(100, start=0.2, peak_at=0.25, end=0.1)
-    assert factor(0) == pytest.approx(0.2) and factor(25) == pytest.approx(1.0)
-    assert factor(12.5) == pytest.approx(0.6) and factor(100) == pytest.approx(0.1)
-    assert factor(62.5) == pytest.approx(0.55) and factor(150) == pytest.approx(0.1)
-
-
-def test_parameter_groups_can_put_conv_filters_apart():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    groups = {g["name"]: g for g in trainer_module.parameter_groups(model, 0.1, 0.01, filters_apart=True)}
-    assert [p is model[0].weight for p in groups["conv filters"]["params"]] == [True]
-    assert {id(p) for p in groups["other"]["params"]} == {id(model[0].bias), id(model[1].weight), id(model[3].weight),
-                                                          id(model[3].bias)}  # a norm's scale and a linear layer's weight too
-
-
-def test_orthogonalize_keeps_the_singular_vectors_and_sets_the_singular_values_near_one():
-    torch.manual_seed(0)
-    for rows, columns in ((8, 36), (36, 8)):
-        k = min(rows, columns)
-        u, _ = torch.linalg.qr(torch.randn(rows, k))
-        v, _ = torch.linalg.qr(torch.randn(columns, k))
-        singular_values = torch.logspace(-1, 1, k)  # two decades apart
-        result = trainer_module.orthogonalize(u @ torch.diag(singular_values) @ v.T, steps=5)
-        assert result.shape == (rows, columns)
-        inner = u.T @ result @ v  # diagonal when the singular vectors are kept
-        assert torch.allclose(inner, torch.diag(torch.diagonal(inner)), atol=1e-4)
-        assert torch.all(torch.diagonal(inner) > 0.5) and torch.all(torch.diagonal(inner) < 1.5)
-
-
-def test_muon_is_nesterov_sgd_outside_its_orthogonalised_groups():
-    torch.manual_seed(0)
-    models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    sgd = torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
-    muon = trainer_module.Muon(models[1].parameters(), lr=0.1, momentum=0.8, weight_decay=0.01)
-    for _ in range(4):
-        images, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 2, (5,))
-        for model, optimizer in zip(models, (sgd, muon)):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_muon_steps_filters_by_orthogonalised_nesterov_momentum_at_a_fixed_norm():
-    torch.manual_seed(0)
-    weight = nn.Parameter(torch.randn(4, 3, 3, 3))
-    optimizer = trainer_module.Muon([weight], lr=0.1, momentum=0.5, weight_decay=0.3, orthogonalize=True)
-    buffer = torch.zeros_like(weight)
-    for _ in range(3):
-        weight.grad = torch.randn_like(weight)
-        before = weight.detach().clone()
-        optimizer.step()
-        buffer = 0.5 * buffer + weight.grad
-        update = trainer_module.orthogonalize((weight.grad + 0.5 * buffer).reshape(4, -1)).view_as(weight)
-        expected = before * 2 / before.norm() - 0.1 * update  # norm sqrt(4) rows; no weight decay here
-        assert torch.allclose(weight.detach(), expected, atol=1e-6)
-        assert not torch.allclose(update, weight.grad / weight.grad.norm() * update.norm(), atol=1e-2)  # not plain SGD
