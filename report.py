@@ -395,10 +395,13 @@ def task4a_rows(settings, results=None):
     trainable, total = (results["settings"].get("trainable_parameters"), results["parameters"]) if results \
         else task4a.count_parameters(task4a.TransferResNet18(10))
     return [
-        ["model", f"torchvision's ResNet18, ImageNet weights (IMAGENET1K_V1), fc replaced by a 10-way linear layer; "
-                  f"every parameter frozen but layer4 and fc ({trainable:,} of {total:,} train)"],
+        ["model", "torchvision's ResNet18, " + ("random initial weights (no-pretrained run)"
+                                                 if settings.get("no_pretrained") else "ImageNet weights (IMAGENET1K_V1)")
+                  + f", fc replaced by a 10-way linear layer; every parameter frozen but layer4 and fc ({trainable:,} "
+                    f"of {total:,} train)"],
         ["optimizer", f"Adam, learning rate {settings['learning_rate']:g}, PyTorch's default betas"],
-        ["batch size, epochs", f"{settings['batch_size']} images; at most {settings['epochs']} epochs, early stopping "
+        ["batch size, epochs", f"{settings['batch_size']} images; at most {settings['epochs']} "
+                               f"epoch{'s' if settings['epochs'] != 1 else ''}, early stopping "
                                f"after {settings['early_stop_count'] - 1} validations without improvement, validation "
                                f"{settings['validations_per_epoch']}x per epoch; the weights with the lowest "
                                f"validation loss are kept"],
@@ -420,7 +423,7 @@ def task4_blocks(results, plots_dir, figures, answers):
         blocks.append(missing("Task 4a", "python task4a.py"))
     else:
         if settings.get("no_pretrained"):
-            blocks.append(("p", "**This run started from random weights (--no-pretrained): not a Task 4 result.**"))
+            blocks.append(("p", "**This run started from random weights, not ImageNet's: not a Task 4 result.**"))
         blocks += [loss_figure(figures, "task4a_loss", run, "Task 4a: training loss (per batch, smoothed) and "
                                                             "validation loss over training steps; dashed: the model kept."),
                    ("p", f"Test accuracy: **{percent(run['final']['test_accuracy'])}**."),
@@ -525,11 +528,23 @@ class PDF:
                             new_x="LMARGIN", new_y="NEXT")
         self.pdf.ln(1.5)
 
-    def add(self, block):
+    def image_height(self, image):
+        """mm: the height of an image printed at its own size (at most the page's width)."""
+        from PIL import Image
+
+        with Image.open(image) as img:
+            return self.image_width() * img.height / img.width
+
+    def image_width(self):
+        return min(self.pdf.epw, 25.4 * utils.REPORT_FIGURE_SIZE[0])  # printed at its own size: text keeps its points
+
+    def add(self, block, next_block=None):
         kind = block[0]
         pdf = self.pdf
         if kind in ("title", "h2", "h3"):
-            self.room(40)  # no heading alone at a page's foot
+            # No heading alone at a page's foot: room for it and what follows (a figure, or some lines).
+            follows = self.image_height(next_block[1]) + 12 if next_block and next_block[0] == "image" else 25
+            self.room(15 + follows)
             if kind == "h2":
                 pdf.ln(3)
             self.text(block[1], size={"title": 18, "h2": 15, "h3": 12}[kind], style="B", markdown=False,
@@ -547,10 +562,7 @@ class PDF:
             self.table(block[1], block[2])
         elif kind == "image":
             _, image, caption = block
-            width = min(pdf.epw, 25.4 * utils.REPORT_FIGURE_SIZE[0])  # printed at its own size: text stays 10 pt
-            from PIL import Image
-            with Image.open(image) as img:
-                height = width * img.height / img.width
+            width, height = self.image_width(), self.image_height(image)
             self.room(height + 12)  # the figure and its caption on one page
             pdf.image(str(image), x=pdf.l_margin + (pdf.epw - width) / 2, w=width)
             self.text(caption, size=9, style="I", markdown=False, line=4.5)
@@ -590,8 +602,8 @@ def main(argv=()):
     output = pathlib.Path(args.output_dir)
     (output / "report.md").write_text(to_markdown(blocks, output), encoding="utf-8")
     pdf = PDF()
-    for block in blocks:
-        pdf.add(block)
+    for block, next_block in zip(blocks, blocks[1:] + [None]):
+        pdf.add(block, next_block)
     pdf.save(output / "report.pdf")
     print(f"saved {output / 'report.md'} and {output / 'report.pdf'} ({pdf.pdf.pages_count} pages)")
     return blocks

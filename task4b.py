@@ -53,25 +53,32 @@ def load_model(checkpoint, weights_path, device):
     return model.to(device).eval()
 
 
+def figure_size(columns, rows=2):
+    """Inches: a report page's width (report.py prints it at this size, so 9-point text stays 9 points) for up
+    to five square panels a row; wider for more."""
+    width = max(utils.REPORT_FIGURE_SIZE[0], 1.3 * columns)
+    return width, rows * width / columns + 0.8  # the panels, and room for the titles
+
+
 def plot_first_layer(model, image, filter_indices, path, show=False):
     """Task 4b: conv1's weights (top row, as RGB) above their activations (bottom row) -> activation [1,64,H/2,W/2]."""
     with torch.no_grad():
         activation = model.conv1(image)  # [1, 64, 112, 112] for a 224x224 image
-    fig, axes = plt.subplots(2, len(filter_indices), figsize=(2.6 * len(filter_indices), 5.6),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, len(filter_indices), figsize=figure_size(len(filter_indices)), squeeze=False,
+                             layout="constrained")
     for column, index in enumerate(filter_indices):
         weight = model.conv1.weight[index].detach().cpu()  # [3, 7, 7]
         weight = (weight - weight.min()) / (weight.max() - weight.min())  # to [0, 1] to show as RGB
         axes[0, column].imshow(weight.permute(1, 2, 0).numpy(), interpolation="nearest")
-        axes[0, column].set_title(f"filter {index}")
+        axes[0, column].set_title(f"filter {index}", fontsize=9)
         axes[1, column].imshow(activation[0, index].cpu().numpy(), cmap="gray")
-        axes[1, column].set_title(f"activation {index}")
-    axes[0, 0].set_ylabel("weights (7x7, RGB)")
-    axes[1, 0].set_ylabel("activation")
+        axes[1, column].set_title(f"activation {index}", fontsize=9)
+    axes[0, 0].set_ylabel("weights (7x7, RGB)", fontsize=9)
+    axes[1, 0].set_ylabel("activation", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Task 4b: first convolutional layer (conv1) on the image")
+    fig.suptitle("Task 4b: first convolutional layer (conv1) on the image", fontsize=10)
     utils.save_figure(fig, path, show)
     return activation
 
@@ -83,14 +90,14 @@ def plot_last_block(model, image, count, path, show=False):
         activation = blocks(image)  # [1, 512, 7, 7] for a 224x224 image
     print(f"activation after the last convolutional block: {tuple(activation.shape)}")
     columns = (count + 1) // 2
-    fig, axes = plt.subplots(2, columns, figsize=(2.6 * columns, 5.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2, columns, figsize=figure_size(columns), squeeze=False, layout="constrained")
     for index, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
         if index < count:
             ax.imshow(activation[0, index].cpu().numpy(), cmap="gray")
-            ax.set_title(f"filter {index}")
-    fig.suptitle(f"Task 4c: last convolutional block (layer4), first {count} of 512 filters")
+            ax.set_title(f"filter {index}", fontsize=9)
+    fig.suptitle(f"Task 4c: last convolutional block (layer4), first {count} of 512 filters", fontsize=10)
     utils.save_figure(fig, path, show)
     return activation
 
