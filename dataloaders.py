@@ -132,9 +132,10 @@ def read_image_folder(root):
     if cache.is_file():
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001  (a truncated or foreign file: decode again and replace it)
+        except Exception as error:  # noqa: BLE001  (a truncated or foreign file: decode again and replace it)
+            print(f"note: the cache '{cache}' cannot be read ({type(error).__name__}); it is made again")
             cached = {}
-        if cached.get("fingerprint") == key:
+        if isinstance(cached, dict) and cached.get("fingerprint") == key:
             return (cached["train_images"], cached["train_labels"],
                     cached["test_images"], cached["test_labels"], cached["classes"])
     print(f"decoding the images in '{root}' once; later runs read '{cache}'")

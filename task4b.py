@@ -28,7 +28,8 @@ def load_image(path, size=224):
     try:
         image = Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise utils.UserError(f"'{path}' is not an image PIL can read ({error})") from None
+        raise utils.UserError(f"'{path}' is not an image PIL can read ({error}): copy it again, or pass another "
+                              f"with --image PATH") from None
     transform = T.Compose([T.Resize((size, size)), T.ToTensor(),
                            T.Normalize(task4a.IMAGENET_MEAN, task4a.IMAGENET_STD)])
     return transform(image).unsqueeze(0)
