@@ -44,25 +44,21 @@ def read_pickled_batches(folder):
         with open(folder / name, "rb") as f:
             return pickle.load(f, encoding="latin1")
 
-    def images_and_labels(batches):
-        images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([b["labels"] for b in batches])
-        return torch.from_numpy(images), torch.from_numpy(labels).long()
+    def images_and_labels(batch):  # rows of 3072 bytes (R plane, G plane, B plane) and their labels
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return torch.from_numpy(images), torch.from_numpy(np.asarray(batch["labels"])).long()
 
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-    batches = {}
-    for name in names:
+    parts = {}  # file name -> (images, labels), or the class names for batches.meta
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         try:
-            batches[name] = read(name)
-            if name != "batches.meta":
-                images_and_labels([batches[name]])
+            contents = read(name)
+            parts[name] = contents["label_names"] if name == "batches.meta" else images_and_labels(contents)
         except Exception as error:  # noqa: BLE001  (unpickling a damaged file can fail in any way)
             raise DatasetNotFoundError(
                 f"'{folder / name}' is a missing or broken CIFAR-10 file ({type(error).__name__}); delete the "
                 f"folder '{folder}' to download it again, or unpack {CIFAR10_URL} there") from None
-    train = images_and_labels([batches[f"data_batch_{i}"] for i in range(1, 6)])
-    test = images_and_labels([batches["test_batch"]])
-    classes = batches["batches.meta"]["label_names"]
+    train = [torch.cat(tensors) for tensors in zip(*(parts[f"data_batch_{i}"] for i in range(1, 6)))]
+    test, classes = parts["test_batch"], parts["batches.meta"]
     return (*train, *test, list(classes))
 
 

@@ -182,8 +182,6 @@ def recipe_of(results, model_name):
     recorded = {key: settings[key] for key in task3.RECIPES[model_name] if key in settings}
     if "lr_per_1024_images" in settings or "learning_rate" in settings:
         recorded["lr"] = settings.get("lr_per_1024_images", settings["learning_rate"] * 1024 / settings["batch_size"])
-    recorded.update({key: False for key in ("augmentation", "whitening", "lookahead")
-                     if settings.get("without") == key})
     return dict(task3.RECIPES[model_name], **recorded)
 
 
@@ -250,7 +248,7 @@ def best_model(runs_by_model):
     return max(candidates, key=lambda m: statistics.mean(r["final"][key] for r in candidates[m]))
 
 
-def task3_blocks(results, figures, answers):
+def task3_blocks(results, figures):
     runs_by_model = task3.seed_runs(results)
     best = best_model(runs_by_model)
     order = sorted(task3.MODELS, key=lambda m: m != best)  # the best model first
@@ -264,12 +262,11 @@ def task3_blocks(results, figures, answers):
                    ("table", *utils.layer_table_data(task3.MODELS[model_name](widths=recipe["widths"]))),
                    ("p", f"Training details of {model_name}" + ("" if runs else " (its recipe; no run yet)") + ":"),
                    ("table", ["setting", "value"], recipe_rows(recipe, model_name, runs[0] if runs else None))]
-    blocks += words("3a", answers) if "3a" in answers else []
 
     blocks.append(("h3", "Task 3b"))
     header, rows = task3.summary_table({m: runs_by_model[m] for m in order})
     if not rows:
-        return blocks + [missing("Task 3", "python task3.py --seeds 0 1 2")] + task3_rest_missing(answers)
+        return blocks + [missing("Task 3", "python task3.py --seeds 0 1 2")] + task3_rest_missing()
     blocks += [("p", "Final figures of the kept weights of each model, mean ± std over the seeds named. TTA: with "
                      "test-time augmentation (Task 3a); the other columns without it. Losses are plain "
                      "cross-entropy."), ("table", header, rows)]
@@ -284,17 +281,15 @@ def task3_blocks(results, figures, answers):
                loss_figure(figures, "task3_best_loss", best_run,
                            f"Task 3b: {best}, seed {best_run['settings']['seed']}: training loss (per batch, smoothed) "
                            f"and validation loss over training steps.")]
-    blocks += words("3b", answers) if "3b" in answers else []
-    return blocks + task3_ablation_blocks(results, runs_by_model, figures, answers) \
-        + task3_best_blocks(best, runs_by_model[best], figures, answers)
+    return blocks + task3_ablation_blocks(results, runs_by_model, figures) \
+        + task3_best_blocks(best, runs_by_model[best], figures)
 
 
-def task3_rest_missing(answers):
+def task3_rest_missing():
     blocks = []
     for question in ("3c", "3d", "3e", "3f"):
         blocks += [("h3", f"Task {question}"), missing(f"Task {question}", "python task3.py --seeds 0 1 2"
                                                        if question in "3e 3f" else "python task3.py --ablate augmentation")]
-        blocks += words(question, answers) if question in PROMPTS else []
     return blocks
 
 
@@ -311,7 +306,7 @@ def ablation_with_histories(ablation, results):
                                 for label, run in runs.items()})
 
 
-def task3_ablation_blocks(results, runs_by_model, figures, answers):
+def task3_ablation_blocks(results, runs_by_model, figures):
     ablation_runs = task3.ablations(results)
     blocks = [("h3", "Task 3c")]
     if not ablation_runs:
@@ -323,7 +318,6 @@ def task3_ablation_blocks(results, runs_by_model, figures, answers):
                          "the full recipe's test accuracy over its seeds. A difference within that spread is not "
                          "shown to be real by one run."),
                    ("table", *task3.ablation_table(ablation_runs, runs_by_model))]
-    blocks += words("3c", answers)
 
     blocks.append(("h3", "Task 3d"))
     largest = task3.largest_improvement(ablation_runs)
@@ -341,14 +335,13 @@ def task3_ablation_blocks(results, runs_by_model, figures, answers):
                                   f"loss with {technique} (solid) and without it (dashed).")]
 
 
-def task3_best_blocks(best, runs, figures, answers):
+def task3_best_blocks(best, runs, figures):
     finals = [r["final"] for r in runs]
     seeds = ", ".join(str(r["settings"]["seed"]) for r in runs)
 
     def accuracy_of_seeds(ax):
         for run in runs:
-            validation = {k: utils.steps_as_numbers(h) for k, h in run["validation_history"].items()}
-            utils.plot_history(ax, validation["accuracy"], f"validation, seed {run['settings']['seed']} (test "
+            utils.plot_history(ax, histories(run)[1]["accuracy"], f"validation, seed {run['settings']['seed']} (test "
                                f"{percent(run['final'].get('test_accuracy_tta', run['final']['test_accuracy']))})")
         utils.finish_axes(ax, "validation accuracy", runs[0]["steps_per_epoch"])
 
@@ -363,11 +356,10 @@ def task3_best_blocks(best, runs, figures, answers):
               figures.draw("task3_best_validation_seeds", accuracy_of_seeds,
                            f"Task 3e: {best}, validation accuracy over training, every seed; each seed's final test "
                            f"accuracy in the legend.")]
-    blocks += words("3e", answers) if "3e" in answers else []
 
     run = runs[0]
     f = run["final"]
-    validation_losses = {int(step): loss for step, loss in run["validation_history"]["loss"].items()}
+    validation_losses = histories(run)[1]["loss"]
     lowest = min(validation_losses, key=validation_losses.get)
     last = max(validation_losses)
     blocks += [("h3", "Task 3f"),
@@ -385,7 +377,7 @@ def task3_best_blocks(best, runs, figures, answers):
                         f"; at the last validation it is {validation_losses[last]:.3f} against "
                         f"{validation_losses[lowest]:.3f}") + ". The curves of Task 3b show where training and "
                      "validation part.")]
-    return blocks + words("3f", answers)
+    return blocks
 
 
 # ---------------------------------------------------------------- Task 4
@@ -413,7 +405,7 @@ def task4a_rows(settings, results=None):
     ]
 
 
-def task4_blocks(results, plots_dir, figures, answers):
+def task4_blocks(results, plots_dir, figures):
     blocks = [("h2", "Task 4"), ("h3", "Task 4a")]
     run = results.get("task4a")
     settings = run["settings"] if run else vars(task4a.build_parser().parse_args([]))
@@ -428,7 +420,6 @@ def task4_blocks(results, plots_dir, figures, answers):
                                                             "validation loss over training steps; dashed: the model kept."),
                    ("p", f"Test accuracy: **{percent(run['final']['test_accuracy'])}**."),
                    final_table([("ResNet18, layer4 + fc trained", run)])]
-    blocks += words("4a", answers) if "4a" in answers else []
     for question, plot, caption, expected in (
             ("4b", "task4b.png", "Task 4b: conv1 filter weights (top, as RGB) and their activations on the zebra "
                                  "(bottom).",
@@ -444,7 +435,6 @@ def task4_blocks(results, plots_dir, figures, answers):
         else:
             blocks.append(("p", f"No figure yet: `python task4b.py` (after Task 4a, with images/zebra.jpg) draws "
                                 f"{expected}, then `python report.py` again."))
-        blocks += words(question, answers)
     return blocks
 
 
@@ -455,17 +445,30 @@ def build(results_dir="results", plots_dir="plots", output_dir="report", answers
     who, answers = read_answers(answers_path or pathlib.Path(output_dir) / "answers.md")
     results = utils.read_results(results_dir)
     figures = Figures(pathlib.Path(output_dir) / "figures")
-    known = {question for question, _ in task1.answers().items()} | {"2a", "2b", "3a", "3b", "3c", "3d", "3e", "3f",
-                                                                     "4a", "4b", "4c"}
-    for question in sorted(set(answers) - known):
-        print(f"note: report/answers.md has a heading 'Task {question}', which no sub-task has; it is left out")
     title = [("title", "CIFAR-10 image classification")]
     if who:
         title.append(("p", "  \n".join(f"{key.capitalize()}: {value}" for key, value in who.items())))
     else:
         title.append(("todo", "Your name, group and course: the lines at the top of report/answers.md."))
-    return (title + task1_blocks() + task2_blocks(results, figures) + task3_blocks(results, figures, answers)
-            + task4_blocks(results, plots_dir, figures, answers))
+    return with_answers(title + task1_blocks() + task2_blocks(results, figures) + task3_blocks(results, figures)
+                        + task4_blocks(results, plots_dir, figures), answers)
+
+
+def with_answers(blocks, answers):
+    """The blocks with, at the end of each sub-task ("### Task 3c"), the student's text for it, or a TO WRITE
+    box where the sub-task asks for words and none are written yet."""
+    merged, question, questions = [], None, set()
+    for block in blocks + [None]:
+        if block is None or block[0] in ("h2", "h3"):
+            if question in answers or question in PROMPTS:
+                merged += words(question, answers)
+            question = block[1].removeprefix("Task ") if block is not None and block[0] == "h3" else None
+            questions.add(question)
+        if block is not None:
+            merged.append(block)
+    for question in sorted(set(answers) - questions):
+        print(f"note: report/answers.md has a heading 'Task {question}', which no sub-task has; it is left out")
+    return merged
 
 
 def to_markdown(blocks, output_dir):

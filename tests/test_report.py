@@ -100,13 +100,15 @@ def test_the_students_answers_survive_a_rebuild_and_reach_both_files(tmp_path):
     template = answers.read_text()
     assert "## Task 3c" in template and "## Task 4c" in template and "Name:" in template
     answers.write_text(template.replace("Name:", "Name: Ada Lovelace").replace(
-        "## Task 3c\n", "## Task 3c\nAugmentation helped most: without it the model overfits.\n"))
+        "## Task 3c\n", "## Task 3c\nAugmentation helped most: without it the model overfits.\n")
+        + "\n## Task 2b\nThe test accuracy is inside the expected range.\n")
     runs["task3_vgg_seed1"] = task3_run("vgg", 1, 0.93)  # a new run, then the report again
     _, markdown = build(tmp_path, runs)
     assert "Ada Lovelace" in answers.read_text()  # never rewritten
     task3c = section(markdown, "### Task 3c", "### Task 3d")
     assert "Augmentation helped most: without it the model overfits." in task3c and "TO WRITE" not in task3c
     assert "TO WRITE" in section(markdown, "### Task 3f", "## Task 4")  # not written yet: the box stays
+    assert "The test accuracy is inside the expected range." in section(markdown, "### Task 2b", "## Task 3")
     assert "Name: Ada Lovelace" in markdown and f"{(0.900 + 0.930 + 0.902) / 3:.3f} ± " in markdown  # the new run
     text = pdf_text(tmp_path / "report/report.pdf")
     assert "Augmentation helped most: without it the model overfits." in text and "Ada Lovelace" in text
