@@ -27,16 +27,19 @@ def predict_plain_and_views(model, images, tta_level=0):
     (https://github.com/KellerJordan/cifar10-airbench): the views a model was trained on, averaged.
     The image alone is one of the views, so both come from the same forward passes.
     """
-    plain = model(images)
+    def logits(x):  # float32 even under autocast: views averaged in bfloat16 would round away close calls
+        return model(x).float()
+
+    plain = logits(images)
     if tta_level == 0:
         return plain, plain
-    level1 = 0.5 * (plain + model(images.flip(-1)))
+    level1 = 0.5 * (plain + logits(images.flip(-1)))
     if tta_level == 1:
         return plain, level1
     h, w = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     translated = [padded[..., :h, :w], padded[..., 2:, 2:]]  # content moved down-right, up-left
-    return plain, 0.5 * level1 + 0.25 * sum(0.5 * (model(x) + model(x.flip(-1))) for x in translated)
+    return plain, 0.5 * level1 + 0.25 * sum(0.5 * (logits(x) + logits(x.flip(-1))) for x in translated)
 
 
 def compute_loss_and_accuracy(dataloader, model, loss_criterion, tta_level=0):
@@ -58,8 +61,7 @@ def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
     with torch.no_grad():
         for images, labels in dataloader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            for i, logits in enumerate(predict_plain_and_views(model, images, tta_level)):
-                logits = logits.float()  # float32 even under autocast: summed over many batches
+            for i, logits in enumerate(predict_plain_and_views(model, images, tta_level)):  # float32
                 # The criterion averages over its batch; weigh each batch by its size so that a
                 # smaller last batch counts for no more than its images.
                 total_loss[i] += loss_criterion(logits, labels) * len(labels)

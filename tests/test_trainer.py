@@ -269,3 +269,18 @@ def test_final_evaluation_reports_test_time_augmentation_beside_the_plain_figure
     expected = compute_loss_and_accuracy(trainer.dataloader_test, trainer.model, nn.CrossEntropyLoss(), tta_level=1)
     assert (final["test_loss_tta"], final["test_accuracy_tta"]) == pytest.approx(expected)
     assert "train_accuracy_tta" not in final and trainer.settings["tta_level"] == 1
+
+
+def test_test_time_views_are_averaged_in_float32_under_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, tta = trainer_module.predict_plain_and_views(model, images, 2)
+        padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :8, :8], padded[..., 2:, 2:]]
+        views = [model(v).float() for v in (images, images.flip(-1), *shifted, *(v.flip(-1) for v in shifted))]
+    # Each view's logits are bfloat16 numbers; their weighted sum is taken in float32, not rounded to bfloat16.
+    expected = 0.25 * (views[0] + views[1]) + 0.125 * (views[2] + views[4] + views[3] + views[5])
+    assert plain.dtype == tta.dtype == torch.float32
+    assert torch.allclose(tta, expected, atol=1e-6) and not torch.equal(tta, expected.bfloat16().float())
