@@ -21,7 +21,7 @@ import pathlib
 import statistics
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torchvision.transforms as T
@@ -53,7 +53,7 @@ class Workload:
     padding_mode: str = "zeros"  # or "reflect"
     flip: str = "random"  # or "alternate" (ours only; the standard pipeline flips at random)
     label_smoothing: float = 0.0
-    image_size: Optional[int] = None  # None: the 32x32 images as they are
+    image_size: int | None = None  # None: the 32x32 images as they are
 
 
 def workloads(image_size):
@@ -61,7 +61,8 @@ def workloads(image_size):
     vgg = task3.RECIPES["vgg"]
     return {
         "task2": Workload("Task 2 CNN", lambda: task2.ExampleModel(3, 10),
-                          lambda params: torch.optim.SGD(params, lr=5e-2), 64, dataloaders.COURSE_MEAN, dataloaders.COURSE_STD),
+                          lambda params: torch.optim.SGD(params, lr=5e-2), 64,
+                          dataloaders.COURSE_MEAN, dataloaders.COURSE_STD),
         # The whitened VGG at a constant rate below the schedule's peak: there is no warm-up here, and speed
         # does not depend on the rate.
         "task3": Workload("Task 3 whitened VGG", task3.WhitenedVGG,

@@ -57,7 +57,7 @@ def read_pickled_batches(folder):
             raise DatasetNotFoundError(
                 f"'{folder / name}' is a missing or broken CIFAR-10 file ({type(error).__name__}); delete the "
                 f"folder '{folder}' to download it again, or unpack {CIFAR10_URL} there") from None
-    train = [torch.cat(tensors) for tensors in zip(*(parts[f"data_batch_{i}"] for i in range(1, 6)))]
+    train = [torch.cat(tensors) for tensors in zip(*(parts[f"data_batch_{i}"] for i in range(1, 6)), strict=True)]
     test, classes = parts["test_batch"], parts["batches.meta"]
     return (*train, *test, list(classes))
 
@@ -83,7 +83,7 @@ def fingerprint(files):
     """A digest of every file's name, size and modification time: changes when the folder does."""
     digest = hashlib.sha256()
     for split, entries in files.items():
-        for path, label in entries:
+        for path, _ in entries:
             stat = path.stat()
             digest.update(f"{split}/{path.parent.name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()
@@ -305,7 +305,8 @@ def random_crop_and_flip(images, shifts, flips, padding, padding_mode="zeros", s
     """
     b, c, h, w = images.shape
     size = h if size is None else size
-    padded = F.pad(images, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect")  # [B, C, H+2p, W+2p]
+    mode = "constant" if padding_mode == "zeros" else "reflect"
+    padded = F.pad(images, (padding,) * 4, mode=mode)  # [B, C, H+2p, W+2p]
     rows = shifts[:, 0:1] + torch.arange(size, device=images.device)  # [B, S]
     cols = torch.arange(size, device=images.device).expand(b, size)
     cols = torch.where(flips.view(b, 1), size - 1 - cols, cols) + shifts[:, 1:2]  # [B, S]

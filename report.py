@@ -66,7 +66,8 @@ def read_answers(path):
     who = {key: value.strip() for key, value in re.findall(r"^(name|group|course):(.*)$", head,
                                                            flags=re.MULTILINE | re.IGNORECASE)}
     who = {key.lower(): value for key, value in who.items() if value}
-    sections = {question.lower(): body.strip() for question, body in zip(parts[::2], parts[1::2]) if body.strip()}
+    sections = {question.lower(): body.strip()
+                for question, body in zip(parts[::2], parts[1::2], strict=True) if body.strip()}
     return who, sections
 
 
@@ -288,8 +289,8 @@ def task3_blocks(results, figures):
 def task3_rest_missing():
     blocks = []
     for question in ("3c", "3d", "3e", "3f"):
-        blocks += [("h3", f"Task {question}"), missing(f"Task {question}", "python task3.py --seeds 0 1 2"
-                                                       if question in "3e 3f" else "python task3.py --ablate augmentation")]
+        command = "python task3.py --seeds 0 1 2" if question in "3e 3f" else "python task3.py --ablate augmentation"
+        blocks += [("h3", f"Task {question}"), missing(f"Task {question}", command)]
     return blocks
 
 
@@ -302,7 +303,8 @@ def ablation_with_histories(ablation, results):
     if any(run is None or run.get("final") != ablation["final"][label] for label, run in runs.items()):
         return None
     return dict(ablation, steps_per_epoch=runs["with"]["steps_per_epoch"],
-                loss_histories={label: dict(train=run["train_history"]["loss"], validation=run["validation_history"]["loss"])
+                loss_histories={label: dict(train=run["train_history"]["loss"],
+                                            validation=run["validation_history"]["loss"])
                                 for label, run in runs.items()})
 
 
@@ -330,7 +332,8 @@ def task3_ablation_blocks(results, runs_by_model, figures):
                                f"(results/{largest['runs']['with']}.json is another run now): run `python task3.py "
                                f"--ablate {largest['technique']}` again for its graph.")]
     return blocks + [("p", f"The technique that helped most in Task 3c: **{technique}**."),
-                     figures.draw(f"task3_ablation_{largest['technique']}", lambda ax: utils.draw_ablation(ax, drawable),
+                     figures.draw(f"task3_ablation_{largest['technique']}",
+                                  lambda ax: utils.draw_ablation(ax, drawable),
                                   f"Task 3d: {largest['model']}, training loss (per batch, smoothed) and validation "
                                   f"loss with {technique} (solid) and without it (dashed).")]
 
@@ -388,7 +391,8 @@ def task4a_rows(settings, results=None):
         else task4a.count_parameters(task4a.TransferResNet18(10))
     return [
         ["model", "torchvision's ResNet18, " + ("random initial weights (no-pretrained run)"
-                                                 if settings.get("no_pretrained") else "ImageNet weights (IMAGENET1K_V1)")
+                                                 if settings.get("no_pretrained")
+                                                 else "ImageNet weights (IMAGENET1K_V1)")
                   + f", fc replaced by a 10-way linear layer; every parameter frozen but layer4 and fc ({trainable:,} "
                     f"of {total:,} train)"],
         ["optimizer", f"Adam, learning rate {settings['learning_rate']:g}, PyTorch's default betas"],
@@ -416,8 +420,9 @@ def task4_blocks(results, plots_dir, figures):
     else:
         if settings.get("no_pretrained"):
             blocks.append(("p", "**This run started from random weights, not ImageNet's: not a Task 4 result.**"))
-        blocks += [loss_figure(figures, "task4a_loss", run, "Task 4a: training loss (per batch, smoothed) and "
-                                                            "validation loss over training steps; dashed: the model kept."),
+        blocks += [loss_figure(figures, "task4a_loss", run,
+                               "Task 4a: training loss (per batch, smoothed) and validation loss over training steps; "
+                               "dashed: the model kept."),
                    ("p", f"Test accuracy: **{percent(run['final']['test_accuracy'])}**."),
                    final_table([("ResNet18, layer4 + fc trained", run)])]
     for question, plot, caption, expected in (
@@ -605,7 +610,7 @@ def main(argv=()):
     output = pathlib.Path(args.output_dir)
     (output / "report.md").write_text(to_markdown(blocks, output), encoding="utf-8")
     pdf = PDF()
-    for block, next_block in zip(blocks, blocks[1:] + [None]):
+    for block, next_block in zip(blocks, blocks[1:] + [None], strict=True):
         pdf.add(block, next_block)
     pdf.save(output / "report.pdf")
     print(f"saved {output / 'report.md'} and {output / 'report.pdf'} ({pdf.pdf.pages_count} pages)")

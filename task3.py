@@ -167,7 +167,7 @@ RECIPES["vgg"] = dict(
     widths=[64, 256, 256],        # filters of the three stages
     epochs=10,                    # passes over the training split (the assignment's limit)
     batch_size=256,               # images per optimisation step
-    optimizer="sgd",              # "sgd": Nesterov SGD for every parameter; "muon": Muon for the conv filters, SGD the rest
+    optimizer="sgd",              # "sgd": Nesterov SGD for every parameter; "muon": Muon for conv filters, SGD the rest
     lr=1.5,                       # SGD's learning rate per 1024 images (a batch of B steps B / 1024 of it)
     momentum=0.85,                # SGD's Nesterov momentum
     weight_decay=2e-3,            # fraction of each weight removed per 1024 images, decoupled from the rate
@@ -313,7 +313,8 @@ def summary_table(runs_by_model):
         if runs:
             finals = [r["final"] for r in runs]
             rows.append([model_name, ", ".join(str(r["settings"]["seed"]) for r in runs),
-                         mean_std([r["epochs_run"] for r in runs], 0 if all(r["epochs_run"] % 1 == 0 for r in runs) else 1)]
+                         mean_std([r["epochs_run"] for r in runs],
+                                  0 if all(r["epochs_run"] % 1 == 0 for r in runs) else 1)]
                         + [mean_std([f[key] for f in finals]) if all(key in f for f in finals) else "–"
                            for key in ("train_loss", "train_accuracy", "val_accuracy", "val_accuracy_tta",
                                        "test_accuracy", "test_accuracy_tta")])
@@ -369,8 +370,8 @@ def saved_run(name, settings, results_dir="results"):
     except (OSError, UnicodeDecodeError, ValueError):
         print(f"note: '{path}' cannot be read; its run is made again")
         return None
-    same = isinstance(results, dict) and "settings" in results and all(results["settings"].get(key) == value for key, value in settings.items()
-               if key not in RESUME_MAY_CHANGE)
+    same = isinstance(results, dict) and "settings" in results and all(
+        results["settings"].get(key) == value for key, value in settings.items() if key not in RESUME_MAY_CHANGE)
     return results if same else None
 
 

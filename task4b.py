@@ -85,7 +85,8 @@ def plot_first_layer(model, image, filter_indices, path, show=False):
 
 
 def plot_last_block(model, image, count, path, show=False):
-    """Task 4c: the image through every block but avgpool and fc -> activation [1,512,H/32,W/32]; plot the first `count`."""
+    """Task 4c: the image through every block but avgpool and fc -> activation [1,512,H/32,W/32];
+    plot the first `count`."""
     blocks = nn.Sequential(*list(model.children())[:-2])  # conv1 ... layer4, without avgpool and fc
     with torch.no_grad():
         activation = blocks(image)  # [1, 512, 7, 7] for a 224x224 image

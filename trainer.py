@@ -9,7 +9,6 @@ import threading
 import time
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 import tqdm
@@ -69,7 +68,7 @@ def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
             count += len(labels)
     model.train(was_training)
     losses, corrects = total_loss.tolist(), correct.tolist()  # the only CPU-GPU syncs
-    return tuple((loss / count, right / count) for loss, right in zip(losses, corrects))
+    return tuple((loss / count, right / count) for loss, right in zip(losses, corrects, strict=True))
 
 
 class Trainer:
@@ -267,8 +266,9 @@ class Trainer:
         """Move the pending per-step device tensors into the history as floats, with one sync."""
         if not pending:
             return
-        steps, losses, accuracies = zip(*pending)
-        for step, loss, accuracy in zip(steps, torch.stack(losses).tolist(), torch.stack(accuracies).tolist()):
+        steps, losses, accuracies = zip(*pending, strict=True)
+        losses, accuracies = torch.stack(losses).tolist(), torch.stack(accuracies).tolist()  # the one sync
+        for step, loss, accuracy in zip(steps, losses, accuracies, strict=True):
             self.train_history["loss"][step] = loss
             self.train_history["accuracy"][step] = accuracy
 
@@ -340,7 +340,8 @@ class Trainer:
         for split, label, *tta in rows:
             suffix = tta[0] if tta else ""
             label += f" (TTA level {self.tta_level})" if tta else ""
-            print(f"{label:{width}}{self.final[split + '_loss' + suffix]:8.3f}{self.final[split + '_accuracy' + suffix]:10.3f}")
+            loss, accuracy = self.final[f"{split}_loss{suffix}"], self.final[f"{split}_accuracy{suffix}"]
+            print(f"{label:{width}}{loss:8.3f}{accuracy:10.3f}")
 
     def save_results(self):
         """Write results/<name>.json: final figures, histories, settings, device and wall time."""

@@ -120,7 +120,8 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
                         help="stop when the oldest of this many recent validation losses is the lowest"
                              + recipe_note(early_stop_count, "early_stop_count"))
     parser.add_argument("--validations-per-epoch", type=positive_int, default=validations_per_epoch,
-                        help="how often per epoch the validation set is evaluated" + recipe_note(validations_per_epoch, "validations_per_epoch"))
+                        help="how often per epoch the validation set is evaluated"
+                             + recipe_note(validations_per_epoch, "validations_per_epoch"))
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the train/validation split (kept apart from --seed on purpose)")

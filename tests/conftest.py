@@ -13,7 +13,8 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def make_images(per_class, seed):
-    """Learnable images sorted by class: uint8 [N,32,32,3] (a colour and stripe pattern per class, plus noise), labels [N]."""
+    """Learnable images sorted by class: uint8 [N,32,32,3] (a colour and stripe pattern per class, plus noise),
+    labels [N]."""
     palette = np.random.default_rng(0).integers(40, 216, size=(len(CLASSES), 3))  # the same in every split
     rng = np.random.default_rng(seed)
     rows = np.arange(32)[:, None]
@@ -50,7 +51,7 @@ def write_image_folder(root, train, test):
     """Image-folder layout: root/{train,test}/<class>/NNNN.png (PNG: lossless, so pixels are exact)."""
     for split, (images, labels) in (("train", train), ("test", test)):
         counts = {}
-        for image, label in zip(images, labels):
+        for image, label in zip(images, labels, strict=True):
             folder = Path(root) / split / CLASSES[label]
             folder.mkdir(parents=True, exist_ok=True)
             index = counts[label] = counts.get(label, -1) + 1

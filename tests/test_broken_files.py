@@ -141,7 +141,7 @@ def outcomes(tmp_path_factory, good_files):
         return root, broken, before, done
 
     with ThreadPoolExecutor(4) as pool:
-        return dict(zip(cases, pool.map(run, cases.values())))
+        return dict(zip(cases, pool.map(run, cases.values()), strict=True))
 
 
 @pytest.mark.parametrize("way", BREAKS)

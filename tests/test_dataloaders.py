@@ -16,7 +16,7 @@ def load(data_dir, batch_size=16, **kwargs):
 
 
 def all_batches(loader):
-    images, labels = zip(*loader)
+    images, labels = zip(*loader, strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -25,7 +25,7 @@ def test_both_layouts_give_the_same_tensors(pickled_dir, folder_dir, tiny_arrays
     from_pickles = dataloaders.read_cifar10(pickled_dir)
     from_folders = dataloaders.read_cifar10(folder_dir)
     assert from_pickles[4] == from_folders[4] == sorted(from_pickles[4])
-    for a, b in zip(from_pickles[:4], from_folders[:4]):
+    for a, b in zip(from_pickles[:4], from_folders[:4], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(from_pickles[0], torch.from_numpy(train_images).permute(0, 3, 1, 2))
     assert torch.equal(from_pickles[1], torch.from_numpy(train_labels))
@@ -51,7 +51,7 @@ def test_image_folder_is_cached_and_the_cache_follows_changes(tmp_path, tiny_arr
 
     monkeypatch.setattr(dataloaders, "decode_images", no_decoding)
     second = dataloaders.read_cifar10(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4], strict=True))
 
     monkeypatch.undo()
     changed = tmp_path / "train" / "cat" / "0000.png"
@@ -122,7 +122,8 @@ def test_loaders_behave_like_dataloaders(pickled_dir):
     assert len(torch.unique(torch.cat([x for x, _ in batches]).flatten(1), dim=0)) == 320  # no repeats
     # Validation and test: every image once, in order, a smaller last batch included.
     assert len(val) == 1 and sum(len(y) for _, y in val) == 40
-    assert sum(len(y) for _, y in test) == 100 and torch.equal(all_batches(test)[1], torch.arange(10).repeat_interleave(10))
+    assert sum(len(y) for _, y in test) == 100
+    assert torch.equal(all_batches(test)[1], torch.arange(10).repeat_interleave(10))
     assert val.classes == train.classes == test.classes and len(train.classes) == 10
 
 
@@ -133,7 +134,7 @@ def test_a_single_batch_smaller_than_batch_size_is_kept(pickled_dir):
 
 def test_same_seed_same_epochs(pickled_dir):
     a, b = load(pickled_dir, seed=7, augment=True)[0], load(pickled_dir, seed=7, augment=True)[0]
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -180,7 +181,7 @@ def test_crop_sizes_set_each_epochs_crops_then_whole_images_follow(pickled_dir):
     plain = load(pickled_dir, batch_size=90, seed=3)[0]
     every_label = sorted(all_batches(plain)[1].tolist())
     sides = []
-    for epoch in range(3):
+    for _ in range(3):
         images, labels = all_batches(loader)
         sides.append(images.shape[-1])
         assert images.shape[:2] == (len(labels), 3) and sorted(labels.tolist()) == every_label
@@ -191,7 +192,7 @@ def test_crop_sizes_set_each_epochs_crops_then_whole_images_follow(pickled_dir):
                                       crop_sizes=[20], seed=0)
     x, y = next(iter(loader))
     padded = torch.nn.functional.pad(loader.to_model_input(plain.images[:8].clone()), (2,) * 4, mode="reflect")
-    for crop, i in zip(x, y.tolist()):
+    for crop, i in zip(x, y.tolist(), strict=True):
         windows = [padded[i, :, r:r + 20, c:c + 20] for r in range(17) for c in range(17)]
         assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
     with pytest.raises(ValueError, match="crop_sizes"):

@@ -1,6 +1,5 @@
 """task1.py's answers, create_submission_zip.py, and every script's --help."""
 import importlib
-import json
 import re
 import shutil
 import zipfile
@@ -45,7 +44,8 @@ def test_task1_answers_and_their_printout(tmp_path, capsys):
     changes = task1.translation_sensitivity()
     assert changes["max pooling (2x2, stride 2)"] < min(changes["convolution (3x3)"], changes["activation (ReLU)"])
     out = capsys.readouterr().out
-    zero_rows = [" ".join(f"{v:4d}" for v in row) for row in reference_convolution(task1.IMAGE, task1.SOBEL, "constant")]
+    zero = reference_convolution(task1.IMAGE, task1.SOBEL, "constant")
+    zero_rows = [" ".join(f"{v:4d}" for v in row) for row in zero]
     assert all(row in out for row in zero_rows)
     markdown = (tmp_path / "task1.md").read_text()
     assert "### Task 1g" in markdown and "390,410" in markdown and zero_rows[0] in markdown
@@ -90,7 +90,8 @@ def test_zip_never_asks_without_a_terminal_and_keeps_nothing_half_written(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["assignment_code.zip"]
 
 
-@pytest.mark.parametrize("script", ["task2", "task3", "task4a", "task4b", "benchmark", "report", "create_submission_zip"])
+@pytest.mark.parametrize("script", ["task2", "task3", "task4a", "task4b", "benchmark", "report",
+                                    "create_submission_zip"])
 def test_help_states_every_default_and_no_none(script, capsys):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as exit_info:

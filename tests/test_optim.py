@@ -59,8 +59,9 @@ def test_parameter_groups_can_put_conv_filters_apart():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     groups = {g["name"]: g for g in optim.parameter_groups(model, 0.1, 0.01, filters_apart=True)}
     assert [p is model[0].weight for p in groups["conv filters"]["params"]] == [True]
+    # A norm's scale and a linear layer's weight are "other" too.
     assert {id(p) for p in groups["other"]["params"]} == {id(model[0].bias), id(model[1].weight), id(model[3].weight),
-                                                          id(model[3].bias)}  # a norm's scale and a linear layer's weight too
+                                                          id(model[3].bias)}
 
 
 def test_orthogonalize_keeps_the_singular_vectors_and_sets_the_singular_values_near_one():
@@ -85,11 +86,11 @@ def test_muon_is_nesterov_sgd_outside_its_orthogonalised_groups():
     muon = optim.Muon(models[1].parameters(), lr=0.1, momentum=0.8, weight_decay=0.01)
     for _ in range(4):
         images, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 2, (5,))
-        for model, optimizer in zip(models, (sgd, muon)):
+        for model, optimizer in zip(models, (sgd, muon), strict=True):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -51,7 +51,8 @@ def ablation(technique, with_test, without_test):
                 runs={"with": "task3_resnet_seed0", "without": f"task3_resnet_without_{technique}_seed0"},
                 final={"with": finals(with_test, with_test), "without": finals(without_test, without_test)},
                 steps_per_epoch=4,
-                loss_histories={label: dict(train={"1": 2.0, "2": 1.5, "8": 0.5 + i}, validation={"4": 1.0, "8": 0.8 + i})
+                loss_histories={label: dict(train={"1": 2.0, "2": 1.5, "8": 0.5 + i},
+                                            validation={"4": 1.0, "8": 0.8 + i})
                                 for i, label in enumerate(("with", "without"))})
 
 
@@ -83,7 +84,8 @@ def section(markdown, start, end):
 def test_each_model_gets_its_own_training_details_best_model_first(tmp_path):
     _, markdown = build(tmp_path, all_runs())
     task3a = section(markdown, "### Task 3a", "### Task 3b")
-    vgg, resnet = section(task3a, "Training details of vgg", "**resnet**"), task3a[task3a.index("Training details of resnet"):]
+    vgg = section(task3a, "Training details of vgg", "**resnet**")
+    resnet = task3a[task3a.index("Training details of resnet"):]
     assert task3a.index("**vgg** (the best model)") < task3a.index("**resnet**")
     assert "Nesterov SGD, momentum 0.85, for every parameter" in vgg and "Muon" not in vgg
     assert "Muon for the conv filters" in resnet and "10 epochs" in vgg and "8 epochs" in resnet

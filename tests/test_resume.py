@@ -13,8 +13,8 @@ import task2
 import task3
 import utils
 from optim import Lookahead
-from trainer import Trainer
 from test_trainer import make_loaders, small_model
+from trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def assert_same(a, b, where=""):
             assert_same(a[key], b[key], f"{where}/{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
@@ -130,7 +130,8 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path, monkeypatch, p
     with pytest.raises(utils.UserError) as error:
         task2.main([*argv[:-4], "--batch-size", "32", "--lr", "0.01", "--device", "cpu", "--resume"])
     message = str(error.value)
-    assert "batch_size 64 in the checkpoint, 32 now" in message and "learning_rate 0.05 in the checkpoint, 0.01 now" in message
+    assert "batch_size 64 in the checkpoint, 32 now" in message
+    assert "learning_rate 0.05 in the checkpoint, 0.01 now" in message
     assert "\n" not in message and "epochs" not in message
     # Where and how fast may change: another checkpoint interval, --show, channels-last.
     task2.main([*argv, "--resume", "--checkpoint-every", "1", "--no-channels-last"])

@@ -15,7 +15,8 @@ from test_trainer import make_trainer
 
 
 def flags(**overrides):
-    return argparse.Namespace(**dict(dict(no_autocast=False, bfloat16=False, no_channels_last=False, compile=False), **overrides))
+    defaults = dict(no_autocast=False, bfloat16=False, no_channels_last=False, compile=False)
+    return argparse.Namespace(**dict(defaults, **overrides))
 
 
 class CompileSpy:
@@ -173,7 +174,7 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     assert layouts == [False, True, False, True]  # per network: compile alone, then on top of channels-last
     # The table rounds images per second to whole numbers: on a loaded machine a slow network's rate is
     # small enough for that rounding alone to move a ratio by several per cent, so allow for it.
-    for network, label, batch, rate, epoch_s, ratio, warmup_s in tables[2]:
+    for _network, _label, _batch, rate, epoch_s, _ratio, warmup_s in tables[2]:
         assert number(epoch_s) == pytest.approx(400 / number(rate), rel=0.05 + 0.5 / number(rate), abs=0.06)
         assert number(warmup_s) >= 0
     for first in (tables[2][0], tables[2][len(labels)]):
@@ -196,7 +197,8 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results").exists()  # nothing of a user's
 
 
-@pytest.mark.parametrize("flags_, native", [({"avx2", "avx512f", "avx512_bf16"}, True), ({"avx2", "amx_bf16", "amx_tile"}, True),
+@pytest.mark.parametrize("flags_, native", [({"avx2", "avx512f", "avx512_bf16"}, True),
+                                           ({"avx2", "amx_bf16", "amx_tile"}, True),
                                            ({"avx2", "avx512f", "fma"}, False)])
 def test_cpus_that_compute_bfloat16_natively_train_in_it_by_default(monkeypatch, flags_, native):
     cpu = torch.device("cpu")

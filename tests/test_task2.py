@@ -21,7 +21,7 @@ def test_example_model_is_table_2():
     assert [c.out_channels for c in convs] == [32, 64, 128]
     assert all(c.kernel_size == (5, 5) and c.padding == (2, 2) and c.stride == (1, 1) for c in convs)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(2048, 64), (64, 10)]
+    assert [(linear.in_features, linear.out_features) for linear in linears] == [(2048, 64), (64, 10)]
 
 
 def test_task2_end_to_end_on_tiny_data(tmp_path, monkeypatch, pickled_dir):

@@ -34,7 +34,8 @@ def test_the_residual_model_adds_its_shortcuts_and_its_table_shows_them():
 
 
 def test_vgg_convs_start_as_identity_on_their_input_channels():
-    conv = next(m for m in task3.MODELS["vgg"]().modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    conv = next(m for m in task3.MODELS["vgg"]().modules()
+                if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     x = torch.randn(1, conv.in_channels, 9, 9)
     assert torch.allclose(conv(x)[:, :conv.in_channels], x)
 
@@ -68,7 +69,8 @@ def test_the_layer_table_of_the_task2_model_is_table_2():
     assert [(r[1], r[2], r[3]) for r in convs] == [("32", "5x5 / 1 / 2", "32x32x32"), ("64", "5x5 / 1 / 2", "64x16x16"),
                                                    ("128", "5x5 / 1 / 2", "128x8x8")]
     pools = [row for row in rows if row[0] == "MaxPool2d"]
-    assert [(r[2], r[3]) for r in pools] == [("2x2 / 2 / 0", "32x16x16"), ("2x2 / 2 / 0", "64x8x8"), ("2x2 / 2 / 0", "128x4x4")]
+    assert [(r[2], r[3]) for r in pools] == [("2x2 / 2 / 0", "32x16x16"), ("2x2 / 2 / 0", "64x8x8"),
+                                             ("2x2 / 2 / 0", "128x4x4")]
     assert [(r[1], r[3]) for r in rows if r[0] == "Linear"] == [("64", "64"), ("10", "10")]
     assert [r[0] for r in rows].count("ReLU") == 4 and sum(r[4] for r in rows) == 390_410
 
@@ -84,7 +86,8 @@ def test_a_short_run_learns_and_writes_tables_and_plots(tmp_path, monkeypatch, p
         assert run["final"]["val_accuracy"] > 0.3  # ten easy classes: chance is 0.1
         assert run["settings"]["recipe"]["augmentation"] is True and run["settings"]["recipe"]["flip"] == "alternate"
         assert run["settings"]["lookahead"] is True and run["settings"]["tta_level"] == 2
-        assert run["optimizer"]["name"] == "Muon" and run["settings"]["recipe"]["optimizer"] == "muon"  # resnet's recipe
+        # resnet's recipe
+        assert run["optimizer"]["name"] == "Muon" and run["settings"]["recipe"]["optimizer"] == "muon"
         assert "label smoothing 0.2" in run["loss"]
         assert {"test_accuracy_tta", "val_accuracy_tta", "test_loss_tta"} <= set(run["final"])
         assert run["dataset_sizes"] == dict(train=360, val=40, test=100) and run["command"].startswith("python")
@@ -200,7 +203,8 @@ def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     assert record["final"] == {"with": with_["final"], "without": without["final"]}
     table = (tmp_path / "results/task3_ablation.md").read_text()
     tta = with_["final"]["test_accuracy_tta"], without["final"]["test_accuracy_tta"]
-    assert f"| lookahead | resnet, 0 | {100 * tta[0]:.1f} % | {100 * tta[1]:.1f} % | {task3.points(tta[0] - tta[1])} |" in table
+    row = f"| lookahead | resnet, 0 | {100 * tta[0]:.1f} % | {100 * tta[1]:.1f} % | {task3.points(tta[0] - tta[1])} |"
+    assert row in table
     assert record["loss_histories"]["without"]["validation"] == without["validation_history"]["loss"]
     assert (tmp_path / "plots/task3_ablation_lookahead.png").stat().st_size > 20_000
     assert (tmp_path / "plots/task3_resnet_seed0_plot.png").is_file()
@@ -212,7 +216,8 @@ def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     task3.main([*flags, "--ablate", "label_smoothing"])
     assert "task3_resnet_seed0: made already with these settings" in capsys.readouterr().out
     assert reference.stat().st_mtime_ns == made
-    assert json.loads((tmp_path / "results/task3_ablation_label_smoothing.json").read_text())["final"]["with"] == with_["final"]
+    record = json.loads((tmp_path / "results/task3_ablation_label_smoothing.json").read_text())
+    assert record["final"]["with"] == with_["final"]
     assert "| label smoothing | resnet, 0 |" in (tmp_path / "results/task3_ablation.md").read_text()
 
     # Other settings: the reference is trained again with them.
@@ -227,7 +232,8 @@ def test_each_ablation_removes_its_technique(tmp_path, monkeypatch, pickled_dir,
     monkeypatch.chdir(tmp_path)
     seen = []
     monkeypatch.setattr(task3.Trainer, "train", lambda self: None)  # built, not trained
-    monkeypatch.setattr(task3, "ablate", lambda model, tech, recipe, args: seen.append(task3.train_one(model, recipe, 0, args, tech)))
+    monkeypatch.setattr(task3, "ablate",
+                        lambda model, tech, recipe, args: seen.append(task3.train_one(model, recipe, 0, args, tech)))
     task3.main(["--data-dir", str(pickled_dir), "--ablate", technique, "--batch-size", "64", "--device", "cpu"])
     trainer = seen[0]
     assert trainer.settings["recipe"][setting] == value

@@ -73,8 +73,8 @@ def test_on_device_resize_gives_the_size_asked(pickled_dir):
     assert next(iter(val))[0].shape[-2:] == (56, 56)
     assert train.evaluation_view(8).image_size == 56
     # A constant image stays that constant when enlarged.
-    loader = dataloaders.DeviceLoader(torch.full((1, 3, 32, 32), 51, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
-                                      1, mean=(0.2,) * 3, std=(1.0,) * 3, image_size=224)
+    image, label = torch.full((1, 3, 32, 32), 51, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+    loader = dataloaders.DeviceLoader(image, label, 1, mean=(0.2,) * 3, std=(1.0,) * 3, image_size=224)
     torch.testing.assert_close(next(iter(loader))[0], torch.zeros(1, 3, 224, 224), atol=1e-6, rtol=0)
 
 

@@ -213,7 +213,7 @@ def test_freeze_after_stops_a_parameter_and_the_gradients_only_it_needed(tmp_pat
         scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step: float(step < 4), lambda step: 1.0])
                      if how == "zero rate" else None)
         needs_grad = []  # per training step: whether the first layer's output took part in the backward pass
-        model[1].register_forward_hook(lambda module, inputs, out: needs_grad.append(out.requires_grad)
+        model[1].register_forward_hook(lambda module, inputs, out, seen=needs_grad: seen.append(out.requires_grad)
                                        if module.training else None)
         trainer = Trainer(16, 0.1, 10, 3, model, make_loaders(), optimizer=optimizer, scheduler=scheduler,
                           device=torch.device("cpu"), checkpoint_dir=tmp_path / how, results_dir=tmp_path / how,
@@ -237,13 +237,15 @@ def test_test_time_augmentation_averages_the_model_over_its_views():
     mirror = images.flip(-1)
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
     down_right, up_left = padded[..., :8, :8], padded[..., 2:, 2:]
-    assert torch.equal(down_right[..., 1:, 1:], images[..., :7, :7]) and torch.equal(up_left[..., :7, :7], images[..., 1:, 1:])
+    assert torch.equal(down_right[..., 1:, 1:], images[..., :7, :7])
+    assert torch.equal(up_left[..., :7, :7], images[..., 1:, 1:])
     with torch.no_grad():
         assert torch.equal(trainer_module.predict_plain_and_views(model, images, 0)[1], model(images))
         level1 = (model(images) + model(mirror)) / 2
         assert torch.allclose(trainer_module.predict_plain_and_views(model, images, 1)[1], level1)
         views = [model(v) for v in (down_right, down_right.flip(-1), up_left, up_left.flip(-1))]
-        assert torch.allclose(trainer_module.predict_plain_and_views(model, images, 2)[1], level1 / 2 + sum(views) / 8, atol=1e-6)
+        assert torch.allclose(trainer_module.predict_plain_and_views(model, images, 2)[1], level1 / 2 + sum(views) / 8,
+                              atol=1e-6)
 
 
 def test_plain_and_tta_figures_come_from_one_pass_over_the_views():
