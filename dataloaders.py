@@ -157,9 +157,19 @@ def read_cifar10(data_dir):
     import torchvision  # here, not at the top: only the download needs it, and it takes seconds to import
 
     created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
-    _, failure = utils.try_download(torchvision.datasets.CIFAR10, root=root, train=True, download=True)
-    if failure is None:
-        return read_pickled_batches(root / "cifar-10-batches-py")
+    try:
+        lock = utils.writable_folder(root) / ".download.lock"
+    except utils.UserError as error:  # a folder that cannot be made or written
+        failure = str(error)
+    else:  # the jobs of an array that start together download it once: the first, while the others wait
+        with utils.file_lock(lock, f"another process downloading CIFAR-10 into '{root}'"):
+            if not (root / "cifar-10-batches-py" / "data_batch_1").is_file():
+                _, failure = utils.try_download(torchvision.datasets.CIFAR10, root=root, train=True, download=True)
+            else:
+                failure = None
+        if failure is None:
+            return read_pickled_batches(root / "cifar-10-batches-py")
+        lock.unlink(missing_ok=True)
     for folder in created:  # a mistyped --data-dir leaves no empty folders behind the failed download
         with contextlib.suppress(OSError):  # not empty: a partial download stays for the user to see
             folder.rmdir()

@@ -23,7 +23,7 @@ from torch import nn
 import dataloaders
 import optim
 import utils
-from trainer import RESUME_MAY_CHANGE, Trainer, last_checkpoint
+from trainer import Trainer, finished_results, last_checkpoint
 from utils import create_plots
 
 MAX_EPOCHS = 10  # the assignment's limit
@@ -223,8 +223,9 @@ def run_settings(model_name, recipe, seed, args, without=None):
 
 
 def train_one(model_name, recipe, seed, args, without=None):
-    """Train `model_name` by `recipe`, less the technique `without`, for one seed -> its Trainer. With --resume,
-    a run with a checkpoint continues (or, finished, is left as it is); one without starts afresh."""
+    """Train `model_name` by `recipe`, less the technique `without`, for one seed -> its Trainer. With --resume
+    (either kind), each run goes on as with --resume auto: one with a checkpoint continues, a finished one is
+    left as it is, one with neither starts."""
     recipe = dict(recipe, **TECHNIQUES[without]) if without else recipe
     utils.set_seed(seed, args.deterministic)
     device = utils.get_device(args.device)
@@ -265,7 +266,7 @@ def train_one(model_name, recipe, seed, args, without=None):
                       freeze_after={"whiten.bias": recipe["whiten_bias_epochs"] * steps_per_epoch},
                       validations_per_epoch=recipe["validations_per_epoch"],
                       **utils.speed_options(args, device),
-                      **utils.checkpoint_options(args, args.resume and last_checkpoint(name).is_file()),
+                      **utils.checkpoint_options(args, "auto" if args.resume else False),
                       name=name, settings=run_settings(model_name, recipe, seed, args, without))
     trainer.train()
     return trainer
@@ -274,8 +275,7 @@ def train_one(model_name, recipe, seed, args, without=None):
 def write_layer_table(model_name, recipe):
     """results/task3_<model>_layers.md: the layer table the report's Task 3a needs."""
     path = pathlib.Path("results") / f"task3_{model_name}_layers.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(utils.layer_table(MODELS[model_name](widths=recipe["widths"])) + "\n")
+    utils.save_text(utils.layer_table(MODELS[model_name](widths=recipe["widths"])) + "\n", path)
     print(f"saved {path}")
 
 
@@ -353,37 +353,37 @@ def largest_improvement(ablation_runs):
     return max(ablation_runs, key=gain, default=None)
 
 
-def write_table(table, path):
-    """Save a (header, rows) table as Markdown and print it."""
-    text = utils.markdown_table(*table)
-    pathlib.Path(path).write_text(text + "\n")
-    print(f"\n{path}:\n{text}")
+def write_tables(*tables):
+    """Save (make_table, path) tables, each made from every results file in results/, as Markdown, and print them.
+    Jobs that finish at once take turns (a lock), so that the last to write has read every other's results."""
+    with utils.file_lock(utils.writable_folder("results") / ".tables.lock", "another process writing the tables"):
+        results = utils.read_results("results")
+        for make_table, path in tables:
+            text = utils.markdown_table(*make_table(results))
+            utils.save_text(text + "\n", path)
+            print(f"\n{path}:\n{text}")
 
 
-def saved_run(name, settings, results_dir="results"):
-    """results/<name>.json if it holds a finished run with these settings (device and speed levers aside), else None."""
-    path = pathlib.Path(results_dir) / f"{name}.json"
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        print(f"note: '{path}' cannot be read; its run is made again")
-        return None
-    same = isinstance(results, dict) and "settings" in results and all(
-        results["settings"].get(key) == value for key, value in settings.items() if key not in RESUME_MAY_CHANGE)
-    return results if same else None
+def summary(results):
+    """Task 3b's table (summary_table) from {file stem: results}."""
+    return summary_table(seed_runs(results))
+
+
+def ablation_summary(results):
+    """Task 3c's table (ablation_table) from {file stem: results}."""
+    return ablation_table(ablations(results), seed_runs(results))
 
 
 def ablate(model_name, technique, recipe, args):
     """Compare the recipe with and without `technique`, same seed (Tasks 3c, 3d): one loss graph, one results file.
 
     The run with it is the model's own run for the seed (results/task3_<model>_seed<N>.json): one reference
-    for every ablation, trained here only where results/ lacks it with these settings.
+    for every ablation, trained here only where results/ lacks it with these settings. With --resume, ablations
+    run at once (a job array) wait for the one that trains it, and then find it finished.
     """
     seed = args.seeds[0]
     name = run_name(model_name, seed)
-    if saved_run(name, run_settings(model_name, recipe, seed, args)) is None:
+    if args.resume or finished_results(f"results/{name}.json", run_settings(model_name, recipe, seed, args)) is None:
         trainer = train_one(model_name, recipe, seed, args)
         create_plots(trainer, trainer.name, args.show)
     else:
@@ -401,8 +401,7 @@ def ablate(model_name, technique, recipe, args):
                                   for label, run in runs.items()})
     utils.save_json(record, f"results/task3_ablation_{technique}.json")
     utils.plot_ablation(record, f"plots/task3_ablation_{technique}.png", args.show)
-    results = utils.read_results("results")
-    write_table(ablation_table(ablations(results), seed_runs(results)), "results/task3_ablation.md")
+    write_tables((ablation_summary, "results/task3_ablation.md"))
 
 
 def build_parser():
@@ -503,7 +502,7 @@ def main(argv=()):
     recipes = {model_name: recipe_from(model_name, args) for model_name in models}
     for recipe in recipes.values():
         check_recipe(recipe, parser)
-    if args.resume:
+    if args.resume is True:
         names = ([run_name(models[0], args.seeds[0], without) for without in (None, args.ablate)]
                  if args.ablate else [run_name(m, seed) for m in models for seed in args.seeds])
         if not any(last_checkpoint(name).is_file() for name in names):
@@ -517,7 +516,7 @@ def main(argv=()):
         for seed in args.seeds:
             trainer = train_one(model_name, recipe, seed, args)
             create_plots(trainer, trainer.name, args.show)
-    write_table(summary_table(seed_runs(utils.read_results("results"))), "results/task3_summary.md")
+    write_tables((summary, "results/task3_summary.md"))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class Trainer:
         self.validate_after = {math.ceil(k * self.steps_per_epoch / validations_per_epoch)
                                for k in range(1, validations_per_epoch + 1)}
         self.name = name
-        self.resume = resume  # continue from last.ckpt instead of starting afresh
+        self.resume = resume  # True: continue from last.ckpt; "auto": continue, start or skip, whichever fits
         self.checkpoint_every_s = checkpoint_every_s  # training seconds between checkpoints besides validations
         self.checkpoint_dir = pathlib.Path(checkpoint_dir) / name
         self.results_path = pathlib.Path(results_dir) / f"{name}.json"
@@ -150,13 +150,26 @@ class Trainer:
         """Train until `epochs` or an early stop; then evaluate the best model on every split and save results.
 
         With resume=True, first restore the run from last.ckpt and continue it exactly where it stopped;
-        a run whose results are saved already is left as it is. SIGINT (Ctrl-C) and SIGTERM end the current
-        step, save a checkpoint and raise utils.TrainingInterrupted.
+        a run whose results are saved already is left as it is. resume="auto" (a batch job that a scheduler may
+        requeue) does the same where there is a checkpoint, starts the run where there is none, and leaves a
+        run whose results file holds it, finished, as it is. SIGINT (Ctrl-C) and SIGTERM end the current step,
+        save a checkpoint and raise utils.TrainingInterrupted.
+
+        One process at a time trains a run: another that asks for the same run (a job of an array, say) waits
+        for the lock in its checkpoint folder, and then, with resume="auto", finds it finished.
         """
-        if self.resume:
-            last = self.checkpoint_dir / "last.ckpt"
-            if not last.is_file():
-                raise utils.UserError(f"--resume: nothing to resume at '{last}'; leave out --resume to start the run")
+        utils.writable_folder(self.results_path.parent)
+        with utils.file_lock(utils.writable_folder(self.checkpoint_dir) / ".train.lock",
+                             f"another process training {self.name}"):
+            return self.train_unlocked()
+
+    def train_unlocked(self):
+        """train(), once this process holds the run's lock."""
+        if self.resume == "auto" and self.finished_before():
+            print(f"{self.name}: finished already; its results are in '{self.results_path}' (nothing changed)")
+            return self.final
+        last = self.checkpoint_dir / "last.ckpt"
+        if self.resume and last.is_file():
             self.restore(utils.load_checkpoint(last, "cpu"))
             if self.training_done and self.results_path.is_file():
                 try:
@@ -166,6 +179,10 @@ class Trainer:
                 else:
                     print(f"{self.name}: finished already; its results are in '{self.results_path}' (nothing changed)")
                     return self.final
+        elif self.resume is True:
+            raise utils.UserError(f"--resume: nothing to resume at '{last}'; leave out --resume to start the run")
+        elif self.resume == "auto":
+            print(f"{self.name}: nothing to resume at '{last}'; starting the run")
         self.start_time = time.perf_counter()
         if not self.training_done:
             self.model.train()
@@ -392,12 +409,24 @@ class Trainer:
             training_done=self.training_done, train_time_s=self.elapsed(), settings=self.settings,
         ), self.checkpoint_dir / filename)
 
+    def finished_before(self):
+        """Whether the results file holds this run, finished, with these settings; if so, take its figures and
+        histories (for the plots), as a restored checkpoint would give them."""
+        results = finished_results(self.results_path, self.settings)
+        if results is None:
+            return False
+        self.final, self.best_step, self.global_step = results["final"], results["best_step"], results["steps"]
+        self.stopped_early, self.training_done = results["stopped_early"], True
+        self.train_history, self.validation_history = (
+            {key: {int(step): value for step, value in values.items()} for key, values in history.items()}
+            for history in (results["train_history"], results["validation_history"]))
+        return True
+
     def restore(self, checkpoint):
         """Continue the run saved in `checkpoint` (a last.ckpt); refuse one made with other settings."""
         path = self.checkpoint_dir / "last.ckpt"
-        saved, now = flatten(checkpoint["settings"]), flatten(self.settings)
-        differ = [f"{key} {saved.get(key, '(unset)')!r} in the checkpoint, {now.get(key, '(unset)')!r} now"
-                  for key in sorted((set(saved) | set(now)) - RESUME_MAY_CHANGE) if saved.get(key) != now.get(key)]
+        differ = [f"{key} {saved!r} in the checkpoint, {now!r} now"
+                  for key, saved, now in settings_differences(checkpoint["settings"], self.settings)]
         if differ:
             raise utils.UserError(f"--resume: '{path}' is a run with other settings: {'; '.join(differ)}. "
                                   f"Use the checkpoint's values, or leave out --resume to start afresh")
@@ -430,6 +459,26 @@ RESUME_MAY_CHANGE = {"device", "show", "resume", "checkpoint_every", "no_autocas
 def last_checkpoint(name, checkpoint_dir="checkpoints"):
     """Where the Trainer of run `name` keeps the checkpoint --resume continues from."""
     return pathlib.Path(checkpoint_dir) / name / "last.ckpt"
+
+
+def settings_differences(saved, now):
+    """[(key, saved value, value now)] for each setting that decides what a run computes and differs between two
+    settings dicts (nested ones compared entry by entry, as "recipe.lr"); "(unset)" where one lacks it."""
+    saved, now = flatten(saved), flatten(now)
+    return [(key, saved.get(key, "(unset)"), now.get(key, "(unset)"))
+            for key in sorted((set(saved) | set(now)) - RESUME_MAY_CHANGE) if saved.get(key) != now.get(key)]
+
+
+def finished_results(path, settings):
+    """The results file at `path` if it holds a finished run made with `settings` (where and how fast aside),
+    else None: missing, unreadable, cut short, or from other settings."""
+    try:
+        results = json.loads(pathlib.Path(path).read_text())
+        if settings_differences(results["settings"], settings) or not isinstance(results["final"], dict):
+            return None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return results
 
 
 def flatten(settings, prefix=""):

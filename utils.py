@@ -1,5 +1,7 @@
 """Shared helpers: command line, seeding, device choice, checkpoints and plots."""
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -8,7 +10,9 @@ import random
 import shlex
 import socket
 import sys
+import uuid
 
+import filelock
 import numpy as np
 import torch
 
@@ -32,13 +36,18 @@ def resume_command(argv):
 
 
 def run_cli(main):
-    """Call `main(sys.argv[1:])`; a UserError becomes a one-line message and exit code 1, an interrupted
-    training a line with the command that resumes it and exit code 128 + the signal's number."""
+    """Call `main(sys.argv[1:])`; a UserError, or a file that cannot be written, becomes a one-line message and
+    exit code 1, an interrupted training a line with the command that resumes it and exit code 128 + the signal's
+    number."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (a cluster job's) line by line
     try:
         main(sys.argv[1:])
     except UserError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        sys.exit(f"error: {cannot_write(error.filename, error)}")
     except TrainingInterrupted as error:
         print(f"{error}; resume with: {resume_command(sys.argv)}", file=sys.stderr)
         sys.exit(128 + error.signal_number)
@@ -142,9 +151,11 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model: a start-up that may take minutes; faster steps on some devices")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window")
-    parser.add_argument("--resume", action="store_true",
+    parser.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                         help="continue this run (the one the other flags name) from checkpoints/<name>/last.ckpt, "
-                             "exactly where it stopped")
+                             "exactly where it stopped. --resume auto, for batch jobs that may be requeued: "
+                             "continue if there is a checkpoint, start if there is none, and do nothing if "
+                             "the run's results are saved already")
     parser.add_argument("--checkpoint-every", type=positive_float, default=5.0,
                         help="minutes of training between resumable checkpoints (besides one at every validation)")
     return parser
@@ -261,14 +272,17 @@ def try_download(fetch, *args, timeout_s=60, **kwargs):
 
 # ---------------------------------------------------------------- checkpoints and results
 
-def save_checkpoint(checkpoint, path):
-    """Write a checkpoint dict atomically: a kill mid-write leaves the old file intact."""
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """Open a new file beside `path` to write, and put it in the place of `path` once written: a reader never
+    sees half a file, a kill mid-write leaves the old one, and jobs writing the same file at once (on any node
+    of a cluster) each write a temporary file of their own name."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else dict(encoding="utf-8"))) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -277,13 +291,60 @@ def save_checkpoint(checkpoint, path):
         raise
 
 
+def save_checkpoint(checkpoint, path):
+    """Write a checkpoint dict atomically (atomic_file)."""
+    with atomic_file(path, "wb") as f:
+        torch.save(checkpoint, f)
+
+
 def save_json(data, path):
-    """Write `data` as indented JSON, atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write `data` as indented JSON, atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def save_text(text, path):
+    """Write a text file (a table, a report), atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def file_lock(path, waiting_for):
+    """Hold the lock file `path` while the block runs: processes that share a folder (the jobs of a cluster
+    array, two terminals) take turns. One that has to wait says so once, naming `waiting_for`. filelock's locks
+    are the operating system's (flock on Linux and macOS, also across a cluster's NFS; msvcrt on Windows), so a
+    lock held by a process that was killed is released with it."""
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"waiting for {waiting_for} (lock '{path}')")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def cannot_write(path, error):
+    """The message for a file or folder that cannot be written."""
+    return (f"cannot write '{path}' ({error.strerror or error}): make that folder writable, or run from a "
+            f"folder you can write in")
+
+
+def writable_folder(folder):
+    """Make `folder` (and its parents) if need be and check that a file can be created in it; a UserError naming
+    it if not, before any work is done that could not be saved."""
+    folder = pathlib.Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{uuid.uuid4().hex}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise UserError(cannot_write(folder, error)) from None
+    return folder
 
 
 def read_results(results_dir):
@@ -364,9 +425,8 @@ def save_figure(fig, path, show=False):
     """Save `fig` as a PNG (creating its folder); show it only when asked, so headless runs never block."""
     import matplotlib.pyplot as plt
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format=pathlib.Path(path).suffix.lstrip(".") or "png", dpi=150)
     print(f"saved {path}")
     if show:
         plt.show()

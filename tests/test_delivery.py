@@ -57,7 +57,7 @@ def test_zip_holds_the_sources_and_nothing_from_runs(tmp_path, monkeypatch):
     names = set(zipfile.ZipFile(tmp_path / "assignment_code.zip").namelist())
     expected = {"dataloaders.py", "trainer.py", "utils.py", "task1.py", "task2.py", "task3.py", "task4a.py",
                 "task4b.py", "optim.py", "report.py", "create_submission_zip.py", "benchmark.py", "requirements.txt",
-                "README.md", "tests/conftest.py"}
+                "README.md", "tests/conftest.py", "pyproject.toml", "slurm/job.sh", "slurm/task3.sbatch"}
     assert expected <= names and len(files) == len(names)
     assert not any(name.split("/")[0] in ("data", "checkpoints", "results", "plots", ".venv", "report")
                    or name.endswith((".pt", ".ckpt", ".png", ".pyc", ".zip")) for name in names)

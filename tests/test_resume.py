@@ -230,3 +230,81 @@ def test_task3_trains_on_a_dataset_smaller_than_one_batch(tmp_path, monkeypatch,
                 "--device", "cpu"])
     run_ = json.loads((tmp_path / "results/task3_resnet_seed0.json").read_text())
     assert run_["steps"] == 1 and run_["steps_per_epoch"] == 1 and run_["dataset_sizes"]["train"] == 360
+
+
+def test_resume_auto_starts_continues_and_then_leaves_a_finished_run_alone(tmp_path, monkeypatch, pickled_dir, capsys,
+                                                                          python_ctrl_c):
+    """--resume auto, a requeued batch job's command: the same command starts, continues and skips."""
+    argv = ["--data-dir", str(pickled_dir), "--epochs", "2", "--batch-size", "32", "--device", "cpu",
+            "--deterministic", "--resume", "auto"]
+    for folder in ("straight", "stopped"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    task2.main(argv)  # nothing to resume: it starts
+    straight = outcome(tmp_path / "straight", "task2")
+
+    monkeypatch.chdir(tmp_path / "stopped")
+    train_step = Trainer.train_step
+
+    def step_then_ctrl_c(self, images, labels):
+        result = train_step(self, images, labels)
+        if self.global_step + 1 == 15:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(utils.TrainingInterrupted):
+        task2.main(argv)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    task2.main(argv)  # a checkpoint: it continues
+    assert "task2: resuming at step 15" in capsys.readouterr().out
+    assert_same(outcome(tmp_path / "stopped", "task2"), straight)
+
+    files = [Path("results/task2.json"), Path("checkpoints/task2/last.ckpt"), Path("checkpoints/task2/best.ckpt")]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+    trainer = task2.main(argv)  # finished: nothing changes, and the plot is drawn from the results' histories
+    assert "task2: finished already" in capsys.readouterr().out
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    assert trainer.train_history["loss"] and trainer.best_step == json.loads(files[0].read_text())["best_step"]
+
+    with pytest.raises(utils.UserError) as error:  # a run of other settings: refused as plain --resume refuses it
+        task2.main([*argv, "--lr", "0.01"])
+    assert "learning_rate 0.05 in the checkpoint, 0.01 now" in str(error.value)
+
+
+@pytest.mark.parametrize("folder", ["results", "checkpoints", "plots"])
+def test_a_read_only_folder_is_one_line_naming_it(tmp_path, monkeypatch, pickled_dir, capsys, folder):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / folder).mkdir()
+    with read_only(tmp_path / folder):
+        argv = ["task2.py", "--data-dir", str(pickled_dir), "--epochs", "1", "--device", "cpu"]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_:
+            utils.run_cli(task2.main)
+    message = str(exit_.value.code)
+    assert message.startswith("error: cannot write '") and folder in message and "\n" not in message, message
+    if folder != "plots":  # refused before any training
+        assert not (tmp_path / "results/task2.json").exists() and "epoch" not in capsys.readouterr().out
+
+
+class read_only:
+    """A folder no one may write in while the block runs, root included: chmod for a user, the immutable
+    attribute (chattr +i) for root, whom permissions do not stop."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        if os.geteuid() == 0:
+            done = subprocess.run(["chattr", "+i", str(self.folder)], capture_output=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make a folder read-only for root here: {done.stderr.decode().strip()}")
+        else:
+            self.folder.chmod(0o555)
+        return self.folder
+
+    def __exit__(self, *exception):
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(self.folder)], check=True)
+        else:
+            self.folder.chmod(0o755)
