@@ -1,6 +1,13 @@
-"""Tiny CIFAR-shaped datasets written in the real file layouts, so the real loading code runs."""
+"""Tiny CIFAR-shaped datasets written in the real file layouts, so the real loading code runs; and a script's
+command line run inside the test process."""
+import contextlib
+import importlib
+import io
+import os
 import pickle
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +96,34 @@ def offline(monkeypatch):
         raise urllib.error.URLError("no network in tests")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+
+
+def run_script(command, cwd):
+    """`python <command>` from the folder `cwd`, as the script's `if __name__ == "__main__"` runs it (utils.run_cli
+    around its main), but inside this process: no interpreter start, no second import of torch. -> a
+    CompletedProcess with the exit status and what the script printed; an exception that escapes run_cli (one a
+    user would see as a traceback) ends up as its traceback in stderr, with status 1."""
+    import utils
+
+    script, *argv = command
+    main = importlib.import_module(Path(script).stem).main
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    previous_argv, previous_cwd = sys.argv, os.getcwd()
+    sys.argv = [script, *argv]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                utils.run_cli(main)
+                code = 0
+            except SystemExit as exit_:  # as the interpreter ends on it: a message goes to stderr, status 1
+                code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001  (whatever escapes is what the user would see)
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = previous_argv
+        os.chdir(previous_cwd)
+    return subprocess.CompletedProcess(command, code, *(stream.buffer.getvalue().decode() for stream in (out, err)))

@@ -1,23 +1,20 @@
 """Every file the project reads, broken the ways files break: one line naming it, no traceback, nothing lost.
 
 Each kind of file is one entry of KINDS: how to lay out a folder with a good copy of it, which file to break,
-the command that reads it, and what the user should then get. The ways of breaking are BREAKS.
+the command that reads it, and what the user should then get. The ways of breaking are BREAKS. Each command
+runs as its script's command line does (conftest.run_script: run_cli around main, its exit status and output),
+inside the test process.
 """
 import hashlib
-import os
 import random
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import run_script
 
 BREAKS = {
     "empty": lambda good: b"",
@@ -101,9 +98,7 @@ def good_files(tmp_path_factory, pickled_dir, folder_dir):
     root = tmp_path_factory.mktemp("good")
     run = root / "run"
     shutil.copytree(pickled_dir, run / "data")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(REPO / "task2.py"), *DATA], cwd=run, env=env,
-                          capture_output=True, text=True)
+    done = run_script(["task2.py", *DATA], cwd=run)
     assert done.returncode == 0, done.stderr
     folders = root / "folders"
     for split in ("train", "test"):
@@ -123,25 +118,17 @@ def snapshot(root, leave_out):
 
 @pytest.fixture(scope="session")
 def outcomes(tmp_path_factory, good_files):
-    """{(kind, way): (folder, broken file, snapshot before, finished process)}: every case laid out, broken and
-    run once, four commands at a time (most of each is Python importing torch)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cases = {}
+    """{(kind, way): (folder, broken file, snapshot before, finished command)}: every case laid out, broken and
+    run once."""
+    outcomes = {}
     for kind, (lay_out, command, _) in KINDS.items():
         for way, breaking in BREAKS.items():
             root = tmp_path_factory.mktemp("broken")
             broken = lay_out(root, good_files)
             broken.write_bytes(breaking(broken.read_bytes()))
-            cases[kind, way] = root, broken, snapshot(root, broken), command
-
-    def run(case):
-        root, broken, before, command = case
-        done = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=600)
-        return root, broken, before, done
-
-    with ThreadPoolExecutor(4) as pool:
-        return dict(zip(cases, pool.map(run, cases.values()), strict=True))
+            before = snapshot(root, broken)
+            outcomes[kind, way] = root, broken, before, run_script(command, cwd=root)
+    return outcomes
 
 
 @pytest.mark.parametrize("way", BREAKS)

@@ -1,4 +1,7 @@
-"""Interrupted runs resume exactly: SIGKILL, SIGINT and SIGTERM mid-run, then --resume, end as if never stopped."""
+"""Interrupted runs resume exactly: SIGKILL, SIGINT and SIGTERM mid-run, then --resume, end as if never stopped.
+
+The runs that are stopped are real processes, sent real signals; the runs that resume them, and those that need
+no signal, run their command line inside the test process (conftest.run_script)."""
 import json
 import os
 import signal
@@ -12,6 +15,7 @@ import torch
 import task2
 import task3
 import utils
+from conftest import run_script
 from optim import Lookahead
 from test_trainer import make_loaders, small_model
 from trainer import Trainer
@@ -83,7 +87,7 @@ TASK2 = ["task2.py", "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--d
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, pickled_dir):
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    done = run(cwd, [*TASK2, "--data-dir", str(pickled_dir)])
+    done = run_script([*TASK2, "--data-dir", str(pickled_dir)], cwd)
     assert done.returncode == 0, done.stderr
     return outcome(cwd, "task2")
 
@@ -106,7 +110,7 @@ def test_an_interrupted_task2_run_resumes_to_identical_results(tmp_path, pickled
         message = stopped.stderr.strip().splitlines()[-1]
         assert message.startswith(f"{kill_signal} at step {kill_at} (epoch ")
         assert message.endswith(f"resume with: python {' '.join(argv)} --resume")
-    resumed = run(tmp_path, [*argv, "--resume"])
+    resumed = run_script([*argv, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {last['global_step']}" in resumed.stdout
     assert_same(outcome(tmp_path, "task2"), uninterrupted)
@@ -114,11 +118,11 @@ def test_an_interrupted_task2_run_resumes_to_identical_results(tmp_path, pickled
 
 def test_a_finished_run_resumed_changes_nothing(tmp_path, pickled_dir):
     argv = [*TASK2, "--epochs", "1", "--data-dir", str(pickled_dir)]
-    assert run(tmp_path, argv).returncode == 0
+    assert run_script(argv, tmp_path).returncode == 0
     files = [tmp_path / "results/task2.json", tmp_path / "checkpoints/task2/last.ckpt",
              tmp_path / "checkpoints/task2/best.ckpt"]
     before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
-    again = run(tmp_path, [*argv, "--resume"])
+    again = run_script([*argv, "--resume"], tmp_path)
     assert again.returncode == 0 and "finished already" in again.stdout
     assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
 
@@ -139,13 +143,11 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path, monkeypatch, p
 
 
 def test_resume_with_nothing_to_resume_names_the_checkpoint(tmp_path, pickled_dir):
-    done = subprocess.run([sys.executable, str(ROOT / "task2.py"), "--data-dir", str(pickled_dir), "--resume"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    done = run_script(["task2.py", "--data-dir", str(pickled_dir), "--resume"], tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: --resume: nothing to resume at 'checkpoints/task2/last.ckpt'; "
                                    "leave out --resume to start the run")
-    done = subprocess.run([sys.executable, str(ROOT / "task3.py"), "--data-dir", str(pickled_dir), "--resume",
-                           "--seeds", "0", "1"], cwd=tmp_path, capture_output=True, text=True)
+    done = run_script(["task3.py", "--data-dir", str(pickled_dir), "--resume", "--seeds", "0", "1"], tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "nothing to resume at 'checkpoints/task3_vgg_seed0/last.ckpt'" in done.stderr
 
@@ -217,7 +219,7 @@ def test_task3_resumes_the_interrupted_seed_and_skips_the_finished_one(tmp_path,
     stopped = run(tmp_path, argv, kill_at=8, kill_signal="SIGTERM", kill_run="task3_resnet_seed1")  # seed 0 finished
     assert stopped.returncode == 143
     finished = (tmp_path / "results/task3_resnet_seed0.json").read_bytes()
-    resumed = run(tmp_path, [*argv, "--resume"])
+    resumed = run_script([*argv, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "task3_resnet_seed0: finished already" in resumed.stdout and "resuming at step 8" in resumed.stdout
     assert (tmp_path / "results/task3_resnet_seed0.json").read_bytes() == finished

@@ -1,16 +1,12 @@
 """task2.py: the Table-2 model, and the script end to end on tiny data and on bad input."""
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import task2
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import run_script
 
 
 def test_example_model_is_table_2():
@@ -44,21 +40,17 @@ def test_task2_end_to_end_on_tiny_data(tmp_path, monkeypatch, pickled_dir):
     assert (tmp_path / "checkpoints/task2/best.ckpt").is_file()
 
 
-def run_script(*args, cwd, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, str(REPO / "task2.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_missing_dataset_offline_is_one_clear_line(tmp_path):
+def test_missing_dataset_offline_is_one_clear_line(tmp_path, monkeypatch):
     saved = tmp_path / "results" / "task2.json"
     saved.parent.mkdir()
     saved.write_text("an earlier run")
     # Every download goes to a closed local port, so it fails at once, as offline.
     closed = "http://127.0.0.1:9"
-    result = run_script("--data-dir", "nothing-here", "--device", "cpu", cwd=tmp_path,
-                        env_extra=dict(http_proxy=closed, https_proxy=closed, HTTP_PROXY=closed,
-                                       HTTPS_PROXY=closed, no_proxy="", NO_PROXY=""))
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, closed)
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(variable, "")
+    result = run_script(["task2.py", "--data-dir", "nothing-here", "--device", "cpu"], tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -69,9 +61,9 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path):
 
 
 def test_bad_flags_fail_before_anything_runs(tmp_path):
-    result = run_script("--epochs", "0", cwd=tmp_path)
+    result = run_script(["task2.py", "--epochs", "0"], tmp_path)
     assert result.returncode == 2 and "--epochs: must be a positive integer" in result.stderr
-    result = run_script("--device", "cuda:7", "--data-dir", "x", cwd=tmp_path)
+    result = run_script(["task2.py", "--device", "cuda:7", "--data-dir", "x"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: --device cuda:7")
     assert not any(tmp_path.iterdir())
