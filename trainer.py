@@ -470,11 +470,13 @@ def settings_differences(saved, now):
 
 
 def finished_results(path, settings):
-    """The results file at `path` if it holds a finished run made with `settings` (where and how fast aside),
-    else None: missing, unreadable, cut short, or from other settings."""
+    """The results file at `path` if it holds a finished run made with `settings` (each of them; where and how fast
+    aside), else None: missing, unreadable, cut short, or from other settings."""
     try:
         results = json.loads(pathlib.Path(path).read_text())
-        if settings_differences(results["settings"], settings) or not isinstance(results["final"], dict):
+        asked = flatten(settings)
+        if any(key in asked for key, *_ in settings_differences(results["settings"], settings)) \
+                or not isinstance(results["final"], dict):
             return None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None

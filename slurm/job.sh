@@ -39,7 +39,12 @@ run() {
     if [ "$warned" = 1 ] && [ "$status" = 143 ]; then  # 143: stopped by SIGTERM, its checkpoint saved
         if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
             echo "== the time limit is near and the run is saved: requeueing job $job (requeue $((restarts + 1)) of at most $MAX_REQUEUES)"
-            scontrol requeue "$job"
+            if scontrol requeue "$job"; then
+                # Slurm now ends this job itself, as part of the requeue. Ending it first, with the run's exit
+                # status, could get it counted as failed (or done), and its dependants let go, before the requeue.
+                sleep 600 &
+                wait
+            fi
         else
             echo "== the time limit is near again, after $restarts requeues: not requeued; submit the job again to continue"
         fi

@@ -15,6 +15,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts live in the repo root
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # The workers share the cores: torch's threads (it reads this at its import, later) and those of the scripts the
+    # tests start are split among them, rather than each worker taking every core.
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -6,7 +6,8 @@ the CPU. The node offers three GPUs that are files (/dev/null ...), so that the 
 on a real cluster; torch finds no CUDA and trains on the CPU.
 
 Slurm holds a requeued job for a while before it may start again (its begin time is set some two minutes ahead);
-the tests move that begin time to now (`scontrol update StartTime=now`) rather than wait it out.
+the tests move that begin time to now (`scontrol update StartTime=now`), two seconds after the requeue, rather than
+wait it out.
 """
 import json
 import os
@@ -87,14 +88,19 @@ class Cluster:
         return dict(re.findall(r"(\w+)=(\S*)", text.splitlines()[0]))
 
     def wait_for(self, job_id, states, timeout=240):
-        """Wait until the job is in one of `states`; a job held back by its begin time (after a requeue) is let go."""
-        deadline = time.monotonic() + timeout
+        """Wait until the job is in one of `states`. A job held back by its begin time (after a requeue) is let go
+        two seconds after it was requeued: a job started again within the second of its requeue is refused by
+        slurmd ("Job credential revoked"), which is what Slurm's own hold is there to prevent."""
+        deadline, held_since = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             job = self.job(job_id)
             if job["JobState"] in states:
                 return job
             if job["JobState"] == "PENDING" and job["Reason"] == "BeginTime":
-                self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                held_since = held_since or time.monotonic()
+                if time.monotonic() - held_since > 2:
+                    self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                    held_since = None
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} not {states} after {timeout} s: {self.job(job_id)}")
 

@@ -107,7 +107,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss_and_round_trips(tmp_path,
         assert torch.equal(trainer.model.state_dict()[key], value)  # train() ends on the best weights
     last = utils.load_checkpoint(tmp_path / "checkpoints/test/last.ckpt")
     assert last["global_step"] == steps[-1] and set(last) >= {"model", "optimizer", "settings"}
-    assert sorted(p.name for p in (tmp_path / "checkpoints/test").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints/test").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
 
     # A fresh model gets the best weights back.
     other = make_trainer(tmp_path, loaders=loaders)
