@@ -191,7 +191,7 @@ def test_widths_set_the_stages_of_the_model_and_its_layer_table(pickled_dir, tmp
 
 def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     monkeypatch.chdir(tmp_path)
-    flags = ["--data-dir", str(pickled_dir), "--epochs", "4", "--batch-size", "64", "--device", "cpu"]
+    flags = ["--data-dir", str(pickled_dir), "--epochs", "2", "--batch-size", "64", "--device", "cpu"]
     task3.main([*flags, "--ablate", "lookahead"])
     record = json.loads((tmp_path / "results/task3_ablation_lookahead.json").read_text())
     assert set(record["final"]) == {"with", "without"} and record["model"] == task3.CHEAPER_MODEL
@@ -221,8 +221,8 @@ def test_ablation_mode_end_to_end(tmp_path, monkeypatch, pickled_dir, capsys):
     assert "| label smoothing | resnet, 0 |" in (tmp_path / "results/task3_ablation.md").read_text()
 
     # Other settings: the reference is trained again with them.
-    task3.main([*flags[:3], "3", *flags[4:], "--ablate", "label_smoothing"])
-    assert json.loads(reference.read_text())["settings"]["epochs"] == 3
+    task3.main([*flags[:3], "1", *flags[4:], "--ablate", "label_smoothing"])
+    assert json.loads(reference.read_text())["settings"]["epochs"] == 1
 
 
 @pytest.mark.parametrize("technique, setting, value", [
