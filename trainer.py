@@ -1,4 +1,5 @@
 """A small model-agnostic Trainer: training loop, validation, early stopping, checkpoints, results."""
+import contextlib
 import json
 import math
 import pathlib
@@ -17,17 +18,18 @@ from torch import nn
 import utils
 
 
-def predict_plain_and_views(model, images, tta_level=0):
+def predict_plain_and_views(model, images, tta_level=0, memory_format=torch.contiguous_format):
     """(logits of `model` for the images alone, its logits averaged over test-time views of each image).
 
     tta_level 0: the image alone; 1: it and its mirror image; 2: also both of those translated by
     one pixel up-left and down-right (reflected border), weighted 1/2 untranslated, 1/4 each
     translation. The test-time augmentation of Keller Jordan's airbench
     (https://github.com/KellerJordan/cifar10-airbench): the views a model was trained on, averaged.
-    The image alone is one of the views, so both come from the same forward passes.
+    The image alone is one of the views, so both come from the same forward passes. Each view goes in in
+    `memory_format`, the model's (a flipped or shifted view of a channels-last batch is not channels-last).
     """
     def logits(x):  # float32 even under autocast: views averaged in bfloat16 would round away close calls
-        return model(x).float()
+        return model(x.contiguous(memory_format=memory_format)).float()
 
     plain = logits(images)
     if tta_level == 0:
@@ -41,13 +43,13 @@ def predict_plain_and_views(model, images, tta_level=0):
     return plain, 0.5 * level1 + 0.25 * sum(0.5 * (logits(x) + logits(x.flip(-1))) for x in translated)
 
 
-def compute_loss_and_accuracy(dataloader, model, loss_criterion, tta_level=0):
+def compute_loss_and_accuracy(dataloader, model, loss_criterion, tta_level=0, memory_format=torch.contiguous_format):
     """Average loss per image and accuracy (a fraction) of `model` over every batch of `dataloader`
     (its predictions averaged over test-time views with tta_level > 0; see predict_plain_and_views)."""
-    return compute_plain_and_tta(dataloader, model, loss_criterion, tta_level)[1]
+    return compute_plain_and_tta(dataloader, model, loss_criterion, tta_level, memory_format)[1]
 
 
-def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
+def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level, memory_format=torch.contiguous_format):
     """((loss, accuracy) of the plain predictions, (loss, accuracy) of those averaged over the views of
     `tta_level`) of `model` over every batch of `dataloader`, from one pass over the views (see
     predict_plain_and_views); the two pairs are equal at tta_level 0."""
@@ -60,7 +62,7 @@ def compute_plain_and_tta(dataloader, model, loss_criterion, tta_level):
     with torch.no_grad():
         for images, labels in dataloader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            for i, logits in enumerate(predict_plain_and_views(model, images, tta_level)):  # float32
+            for i, logits in enumerate(predict_plain_and_views(model, images, tta_level, memory_format)):  # float32
                 # The criterion averages over its batch; weigh each batch by its size so that a
                 # smaller last batch counts for no more than its images.
                 total_loss[i] += loss_criterion(logits, labels) * len(labels)
@@ -257,8 +259,11 @@ class Trainer:
         return epoch, self.global_step - epoch * self.steps_per_epoch
 
     def autocast(self):
-        """The context forward passes run in: mixed precision when an autocast dtype is set, else a no-op."""
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        """The context forward passes run in: mixed precision when an autocast dtype is set, else none at all
+        (a disabled torch.autocast is not free, and on Apple's MPS up to torch 2.3 it raises)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, images, labels):
         """One optimisation step on a batch -> (cross-entropy, accuracy) on the batch, device tensors, no sync."""
@@ -292,7 +297,8 @@ class Trainer:
     def evaluate_on(self, dataloader):
         """(loss, accuracy) of the model over the whole of `dataloader`, in the training's precision."""
         with self.autocast():
-            return compute_loss_and_accuracy(dataloader, self.forward_pass, self.evaluation_criterion)
+            return compute_loss_and_accuracy(dataloader, self.forward_pass, self.evaluation_criterion,
+                                             memory_format=self.memory_format)
 
     def elapsed(self):
         """Seconds of training so far, earlier sessions of a resumed run included."""
@@ -328,7 +334,9 @@ class Trainer:
         if self.global_step > 0 and self.best_step is None:
             raise utils.UserError("no validation loss was finite, so there is no best model: "
                                   "training diverged; try a lower --lr")
-        checkpoint = utils.load_checkpoint(self.checkpoint_dir / "best.ckpt", self.device)
+        # Read on the CPU: the file also holds the optimizer, the averaged weights and the random states, which
+        # would all be copied to the GPU first; load_state_dict copies the weights alone into the model.
+        checkpoint = utils.load_checkpoint(self.checkpoint_dir / "best.ckpt", "cpu")
         self.model.load_state_dict(checkpoint["model"])
 
     def evaluate(self):
@@ -340,7 +348,8 @@ class Trainer:
         for split, loader in splits.items():
             tta_level = self.tta_level if split != "train" else 0
             with self.autocast():
-                plain, tta = compute_plain_and_tta(loader, self.forward_pass, self.evaluation_criterion, tta_level)
+                plain, tta = compute_plain_and_tta(loader, self.forward_pass, self.evaluation_criterion, tta_level,
+                                                   self.memory_format)
             results[f"{split}_loss"], results[f"{split}_accuracy"] = plain
             if tta_level:
                 results[f"{split}_loss_tta"], results[f"{split}_accuracy_tta"] = tta
@@ -495,22 +504,21 @@ def flatten(settings, prefix=""):
 
 
 def random_states():
-    """The state of every global random generator a run draws from: Python, NumPy, torch (CPU and CUDA)."""
+    """The state of every global random generator a run draws from: Python, NumPy, torch's CPU generator. Not the
+    GPUs' generators: nothing draws from them (the loaders draw on the CPU), and their states, one per visible GPU,
+    would not restore where fewer GPUs are visible (a cluster job pinned to one)."""
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    return dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    return dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state())
 
 
 def set_random_states(states):
-    """Set the generators to what random_states() returned."""
+    """Set the generators to what random_states() returned (a checkpoint's GPU states, saved before, are left)."""
     random.setstate(states["python"])
     numpy_state = states["numpy"]
     numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class StopSignals:

@@ -219,8 +219,8 @@ def autocast_dtype(device, bfloat16=False):
     natively (Ampere and later), float16 on older ones (a T4: bfloat16 there is emulated, slower than float32).
     CPU: bfloat16 where the processor computes it natively (cpu_computes_bfloat16), float32 elsewhere.
     bfloat16=True asks for bfloat16 wherever it can run, emulated or not. MPS: float32."""
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cuda":  # the GPU in use (--device cuda:1 on a machine of mixed GPUs), not the current one
+        native = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere (sm_80) and later
         return torch.bfloat16 if native or bfloat16 else torch.float16
     if device.type == "cpu":
         return torch.bfloat16 if bfloat16 or cpu_computes_bfloat16() else None

@@ -57,14 +57,15 @@ def test_speed_defaults_per_device(monkeypatch):
     assert utils.speed_options(flags(no_channels_last=True), cpu)["channels_last"] is False
     assert utils.speed_options(flags(), torch.device("mps"))["channels_last"] is False
     assert utils.speed_options(flags(compile=True), cpu)["compile_model"] is True
-    # An Ampere-or-later GPU computes bfloat16 natively; a T4 only emulates it, so it gets float16.
-    native = {"value": True}
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["value"]
-                        or including_emulation)
-    assert utils.speed_options(flags(), cuda) == dict(autocast_dtype=torch.bfloat16, channels_last=True,
-                                                     compile_model=False)
-    native["value"] = False
-    assert utils.autocast_dtype(cuda) == torch.float16
+    # An Ampere-or-later GPU computes bfloat16 natively; a T4 only emulates it, so it gets float16. Asked of the
+    # GPU in use: here an A100 (cuda:1) beside a T4 (cuda:0, the current device).
+    capabilities = {0: (7, 5), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capabilities[0 if device is None else torch.device(device).index or 0])
+    assert utils.speed_options(flags(), torch.device("cuda:1")) == dict(autocast_dtype=torch.bfloat16,
+                                                                       channels_last=True, compile_model=False)
+    assert utils.autocast_dtype(cuda) == torch.float16 and utils.autocast_dtype(torch.device("cuda:0")) == torch.float16
+    assert utils.autocast_dtype(cuda, bfloat16=True) == torch.bfloat16  # asked for, emulated or not
     assert utils.speed_options(flags(no_autocast=True, no_channels_last=True), cuda) == dict(
         autocast_dtype=None, channels_last=False, compile_model=False)
 

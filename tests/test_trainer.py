@@ -80,10 +80,10 @@ def scripted_validation(monkeypatch, losses, snapshots):
     """Make validations return `losses` in turn (then real ones), remembering the weights at each."""
     script = iter(losses)
 
-    def fake(dataloader, model, loss_criterion, tta_level=0):
+    def fake(dataloader, model, loss_criterion, tta_level=0, memory_format=torch.contiguous_format):
         scripted = next(script, None) if getattr(dataloader, "_is_validation", False) else None
         if scripted is None:
-            return real(dataloader, model, loss_criterion, tta_level)
+            return real(dataloader, model, loss_criterion, tta_level, memory_format)
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return scripted, 0.5
 
@@ -286,3 +286,54 @@ def test_test_time_views_are_averaged_in_float32_under_autocast():
     expected = 0.25 * (views[0] + views[1]) + 0.125 * (views[2] + views[4] + views[3] + views[5])
     assert plain.dtype == tta.dtype == torch.float32
     assert torch.allclose(tta, expected, atol=1e-6) and not torch.equal(tta, expected.bfloat16().float())
+
+
+def test_without_mixed_precision_no_autocast_context_is_made(tmp_path, monkeypatch):
+    """Off is no context at all: a disabled torch.autocast raises on Apple's MPS up to torch 2.3."""
+    def no_autocast(*args, **kwargs):
+        raise RuntimeError("torch.autocast built, though mixed precision is off")
+
+    monkeypatch.setattr(torch, "autocast", no_autocast)
+    make_trainer(tmp_path, epochs=1).train()
+
+
+def test_a_checkpoint_resumes_where_fewer_gpus_are_visible_than_where_it_was_saved(monkeypatch):
+    """Saved by a run that saw two GPUs, resumed by a cluster job pinned to one: the GPUs' generators are neither
+    saved nor restored (nothing draws from them), so nothing indexes a GPU that is not there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(8, dtype=torch.uint8)] * 2)
+
+    def one_gpu(states):
+        if len(states) > 1:
+            raise IndexError("list index out of range")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu)
+    states = trainer_module.random_states()
+    trainer_module.set_random_states(states)
+    assert "cuda" not in states
+
+
+def test_the_best_model_is_read_on_the_cpu_whatever_device_trains(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.train()
+    seen = []
+    load = utils.load_checkpoint
+    monkeypatch.setattr(utils, "load_checkpoint", lambda path, device="cpu", **kw: seen.append(str(device))
+                        or load(path, device, **kw))
+    trainer.device = torch.device("cuda")  # a GPU run: only the weights should reach the GPU, by load_state_dict
+    trainer.load_best_model()
+    assert seen == ["cpu"]
+
+
+def test_evaluation_and_test_time_views_reach_the_model_in_its_memory_format(tmp_path):
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+    seen = []
+    conv.register_forward_pre_hook(lambda module, inputs: seen.append(
+        (module.training, inputs[0].is_contiguous(memory_format=torch.channels_last))))
+    torch.manual_seed(0)
+    trainer = Trainer(16, 0.05, 4, 1, model, make_loaders(), device=torch.device("cpu"), channels_last=True,
+                      tta_level=2, checkpoint_dir=tmp_path / "c", results_dir=tmp_path / "r")
+    trainer.train()
+    evaluations = [channels_last for training, channels_last in seen if not training]
+    assert evaluations and all(evaluations)
