@@ -5,7 +5,7 @@ archive of all their results, tables and logs.
     python reproduce.py --data-dir data/cifar10-jpeg                    # everything, on the fastest device here
     python reproduce.py --data-dir data/cifar10-jpeg --only task2 options
     python reproduce.py --smoke --data-dir DIR --skip tests             # each step's first command, tiny: a check
-                                                                        # (one epoch, seed 0, 32-pixel Task 4a)
+                                                                        # (one epoch, seed 0, resnet, 32-pixel 4a)
 Each step runs its script as a user would (`python task3.py ...`), in a folder of its own under
 reproduce/<device>/, with its output in logs/<step>.log there. A step that finished is not run again: called
 again (on a machine lent for a few minutes, say), the script goes on with the steps left, and a training step
@@ -47,7 +47,7 @@ def steps(data, smoke):
         "tests": [("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                              *parallel, str(REPO / "tests")])],
         "task2": [("task2", ["task2.py", *auto, *tiny])],
-        "task3": [("task3", ["task3.py", "--seeds", *seeds, *auto, *tiny])],
+        "task3": [("task3", ["task3.py", "--seeds", *seeds, *auto, *tiny, *(["--model", "resnet"] if smoke else [])])],
         # In task3's folder: the ablations' reference is the resnet run of seed 0 that the step task3 trained.
         "ablations": [("task3", ["task3.py", "--ablate", technique, *auto, *tiny]) for technique in task3.TECHNIQUES],
         "task4a": [(f"task4a_{size}", ["task4a.py", "--no-pretrained", "--image-size", str(32 if smoke else size),

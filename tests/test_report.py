@@ -83,8 +83,15 @@ def section(markdown, start, end):
     return markdown[markdown.index(start):markdown.index(end)]
 
 
-def test_each_model_gets_its_own_training_details_best_model_first(tmp_path):
-    _, markdown = build(tmp_path, all_runs())
+@pytest.fixture(scope="module")
+def whole_report(tmp_path_factory):
+    """(blocks, Markdown) of the report of every kind of run, built once (figures, Markdown and PDF)."""
+    folder = tmp_path_factory.mktemp("whole")
+    return (folder, *build(folder, all_runs()))
+
+
+def test_each_model_gets_its_own_training_details_best_model_first(whole_report):
+    _, _, markdown = whole_report
     task3a = section(markdown, "### Task 3a", "### Task 3b")
     vgg = section(task3a, "Training details of vgg", "**resnet**")
     resnet = task3a[task3a.index("Training details of resnet"):]
@@ -118,8 +125,8 @@ def test_the_students_answers_survive_a_rebuild_and_reach_both_files(tmp_path):
     assert "Augmentation helped most: without it the model overfits." in text and "Ada Lovelace" in text
 
 
-def test_3d_shows_the_largest_improvement_and_3c_reports_points(tmp_path):
-    blocks, markdown = build(tmp_path, all_runs())
+def test_3d_shows_the_largest_improvement_and_3c_reports_points(whole_report):
+    _, blocks, markdown = whole_report
     task3c = section(markdown, "### Task 3c", "### Task 3d")
     assert "| augmentation | resnet, 0 | 88.0 % | 85.0 % | +3.0 pt |" in task3c
     assert "| lookahead | resnet, 0 | 88.0 % | 88.4 % | -0.4 pt |" in task3c
@@ -131,9 +138,10 @@ def test_3d_shows_the_largest_improvement_and_3c_reports_points(tmp_path):
     assert task3.largest_improvement([all_runs()["task3_ablation_whitening"]])["technique"] == "whitening"
 
 
-def test_the_report_builds_with_any_kinds_of_runs_missing(tmp_path, monkeypatch):
-    """All 16 subsets of the four kinds of runs give every sub-task. Two (every run, and none) are built whole, PDF
-    and figures; the other 14 as Markdown, their figures drawn onto real axes but not rendered to PNG."""
+def test_the_report_builds_with_any_kinds_of_runs_missing(tmp_path, monkeypatch, whole_report):
+    """All 16 subsets of the four kinds of runs give every sub-task. Two (every run: the module's whole report, and
+    none) are built whole, PDF and figures; the other 14 as Markdown, their figures drawn onto real axes but not
+    rendered to PNG."""
     runs = all_runs()
     kinds = {"task2": ["task2"], "vgg": [n for n in runs if "vgg" in n], "resnet": [n for n in runs if "resnet" in n],
              "ablations": [n for n in runs if "ablation" in n]}
@@ -146,7 +154,10 @@ def test_the_report_builds_with_any_kinds_of_runs_missing(tmp_path, monkeypatch)
             whole = count in (0, len(kinds))
             monkeypatch.setattr(utils, "save_figure", save_figure if whole else lambda fig, path, show=False:
                                 matplotlib.pyplot.close(fig))
-            if whole:
+            if count == 0:  # every run: the module's whole report
+                folder, _, markdown = whole_report
+                assert (folder / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
+            elif whole:
                 _, markdown = build(folder, kept)
                 assert (folder / "report/report.pdf").read_bytes()[:5] == b"%PDF-"
             else:

@@ -153,13 +153,13 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
     monkeypatch.setattr(utils, "cpu_flags", lambda: {"avx2", "fma"})  # a CPU that only emulates bfloat16
     out = tmp_path / "bench.md"
     benchmark.main(["--data-dir", str(pickled_dir), "--device", "cpu", "--models", "task2", "task4a",
-                    "--image-size", "40", "--steps", "2", "--warmup-steps", "1", "--repeats", "2",
+                    "--image-size", "32", "--steps", "2", "--warmup-steps", "1", "--repeats", "2",
                     "--pipeline-batches", "2", "--full-run-epochs", "1", "--workers", "0", "--out", str(out)])
     tables = read_tables(out.read_text())
     assert sorted(tables) == [1, 2, 3]
 
     assert [row[0] for row in tables[1]] == ["32x32, normalise (Task 2)", "32x32, crop + flip + normalise (Task 3)",
-                                            "resize to 40x40 + normalise (Task 4a)"]
+                                            "resize to 32x32 + normalise (Task 4a)"]
     for _, _, standard, ours, ratio in tables[1]:
         assert number(standard) > 0 and number(ours) > 0
         assert number(ratio) == pytest.approx(number(ours) / number(standard), rel=0.05, abs=0.06)
@@ -168,7 +168,7 @@ def test_benchmark_on_tiny_data_writes_consistent_tables(tmp_path, monkeypatch, 
               "ours + torch.compile",
               "ours, the defaults + torch.compile (--compile)"]  # on a CPU the defaults are channels-last
     assert [(row[0], row[1]) for row in tables[2]] == [("Task 2 CNN", label) for label in labels] + [
-        ("Task 4a ResNet18 at 40x40", label) for label in labels]
+        ("Task 4a ResNet18 at 32x32", label) for label in labels]
     assert len(compile_spy.compiled) == 4 and compile_spy.calls >= 4 * (1 + 2 * 2)  # warm-up + repeats x steps
     layouts = [next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
                for model in compile_spy.compiled]
