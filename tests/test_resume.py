@@ -20,6 +20,7 @@ from optim import Lookahead
 from test_trainer import make_loaders, small_model
 from trainer import Trainer
 
+pytestmark = pytest.mark.xdist_group("resume")  # one worker: the file's module fixtures are made once
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs a task script's command line in a fresh process; with KILL_AT_STEP=N it sends itself KILL_SIGNAL
@@ -29,6 +30,7 @@ RUNNER = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 import trainer, utils
+
 kill_at, kill_signal = int(os.environ.get("KILL_AT_STEP", 0)), os.environ.get("KILL_SIGNAL", "SIGINT")
 kill_run = os.environ.get("KILL_RUN", "")
 train_step = trainer.Trainer.train_step
