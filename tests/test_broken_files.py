@@ -16,8 +16,6 @@ from PIL import Image
 
 from conftest import run_script
 
-pytestmark = pytest.mark.xdist_group("broken_files")  # one worker: the file's module fixtures are made once
-
 BREAKS = {
     "empty": lambda good: b"",
     "cut short": lambda good: good[:200],  # a copy stopped by a full disk or a killed scp

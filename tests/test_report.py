@@ -11,8 +11,6 @@ import report
 import task3
 import utils
 
-pytestmark = pytest.mark.xdist_group("report")  # one worker: the file's module fixtures are made once
-
 SPLITS = dict(train=450, val=50, test=100)
 
 

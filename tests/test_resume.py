@@ -20,7 +20,6 @@ from optim import Lookahead
 from test_trainer import make_loaders, small_model
 from trainer import Trainer
 
-pytestmark = pytest.mark.xdist_group("resume")  # one worker: the file's module fixtures are made once
 ROOT = Path(__file__).resolve().parent.parent
 
 # Runs a task script's command line in a fresh process; with KILL_AT_STEP=N it sends itself KILL_SIGNAL

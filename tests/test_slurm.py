@@ -25,8 +25,6 @@ import pytest
 import task3
 from test_resume import assert_same, outcome
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one worker: the file's module fixtures are made once
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = "slurmctld slurmd slurm-client munge"
 
