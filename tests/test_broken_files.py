@@ -116,25 +116,14 @@ def snapshot(root, leave_out):
             if path.is_file() and path != leave_out}
 
 
-@pytest.fixture(scope="session")
-def outcomes(tmp_path_factory, good_files):
-    """{(kind, way): (folder, broken file, snapshot before, finished command)}: every case laid out, broken and
-    run once."""
-    outcomes = {}
-    for kind, (lay_out, command, _) in KINDS.items():
-        for way, breaking in BREAKS.items():
-            root = tmp_path_factory.mktemp("broken")
-            broken = lay_out(root, good_files)
-            broken.write_bytes(breaking(broken.read_bytes()))
-            before = snapshot(root, broken)
-            outcomes[kind, way] = root, broken, before, run_script(command, cwd=root)
-    return outcomes
-
-
 @pytest.mark.parametrize("way", BREAKS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_broken_file_gets_one_line_naming_it_and_nothing_is_lost(outcomes, kind, way):
-    root, broken, before, done = outcomes[kind, way]
+def test_a_broken_file_gets_one_line_naming_it_and_nothing_is_lost(tmp_path, good_files, kind, way):
+    lay_out, command, _ = KINDS[kind]
+    broken = lay_out(tmp_path, good_files)
+    broken.write_bytes(BREAKS[way](broken.read_bytes()))
+    root, before = tmp_path, snapshot(tmp_path, broken)
+    done = run_script(command, cwd=tmp_path)
     outcome = KINDS[kind][2]
     output = done.stdout + done.stderr
     assert "Traceback" not in output, output

@@ -22,21 +22,21 @@ def test_reproduce_runs_each_step_once_records_it_and_packs_what_is_done(tmp_pat
     argv = ["--smoke", "--data-dir", str(pickled_dir), "--skip", "tests", "--device", "cpu",
             "--output", str(tmp_path / "reproduce")]
 
-    def benchmark_fails(argv_, cwd, log):
-        return 3 if Path(argv_[1]).name == "benchmark.py" else reproduce.in_a_process(argv_, cwd, log)
+    def options_fail(argv_, cwd, log):  # the step's one command (--smoke): task2.py --no-autocast
+        return 3 if "--no-autocast" in argv_ else reproduce.in_a_process(argv_, cwd, log)
 
-    with pytest.raises(utils.UserError, match="steps that failed: benchmark"):
-        reproduce.main(argv, run=benchmark_fails)
+    with pytest.raises(utils.UserError, match="steps that failed: options"):
+        reproduce.main(argv, run=options_fail)
     work = next(p for p in (tmp_path / "reproduce").iterdir() if p.is_dir())
     assert work.name.startswith("cpu-") and work.name.endswith("-smoke")
     manifest = json.loads((work / "manifest.json").read_text())
     assert {name: step["exit_status"] for name, step in manifest["steps"].items()} == dict(
-        task2=0, task3=0, ablations=0, task4a=0, benchmark=3, options=0)
+        task2=0, task3=0, ablations=0, task4a=0, benchmark=0, options=3)
 
     capsys.readouterr()
     assert reproduce.main(argv) == work  # again: only the failed step runs
     out = capsys.readouterr().out
-    assert out.count("done before") == 5 and "benchmark: running" in out
+    assert out.count("done before") == 5 and "options: running" in out
     manifest = json.loads((work / "manifest.json").read_text())
     assert all(step["exit_status"] == 0 for step in manifest["steps"].values())
     assert manifest["device"].startswith("cpu") and manifest["smoke"] is True
