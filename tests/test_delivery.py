@@ -123,9 +123,9 @@ def test_the_readme_names_each_scripts_flags_as_its_help_does(capsys):
     assert helps["task1"] == {"--output"}
 
 
-def test_every_script_runs_from_the_command_line_as_a_student_runs_it(tmp_path):
-    """The smoke pass: each script as `python <script> ...`, in an interpreter of its own. task2, task3, task4a and
-    benchmark run so in test_reproduce (reproduce.py runs them as commands); here the others, the report last."""
+def test_every_script_runs_from_the_command_line_as_a_student_runs_it(tmp_path, pickled_dir):
+    """The smoke pass: each script as `python <script> ...`, in an interpreter of its own (task2.py and task3.py run
+    so in test_resume, stopped by signals and resumed); the report last."""
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(
         tmp_path / "zebra.jpg")
     # A Task 4a model to look into, as task4a.py saves it (a run of it is test_task4's and test_reproduce's).
@@ -140,14 +140,19 @@ def test_every_script_runs_from_the_command_line_as_a_student_runs_it(tmp_path):
         return done
 
     # Side by side: most of each command is its interpreter importing torch.
-    commands = [["task1.py"], ["task4b.py", "--image", "zebra.jpg", "--device", "cpu"],
-                ["create_submission_zip.py", "--yes"]]
-    with ThreadPoolExecutor(len(commands)) as pool:
-        list(pool.map(run, commands))
+    lanes = [[["task1.py"], ["task4a.py", "--data-dir", str(pickled_dir), "--device", "cpu", "--epochs", "1",
+                             "--no-pretrained", "--image-size", "32", "--batch-size", "128"]],
+             [["task4b.py", "--image", "zebra.jpg", "--device", "cpu"],
+              ["benchmark.py", "--data-dir", str(pickled_dir), "--device", "cpu", "--models", "task2", "--levers",
+               "channels_last", "--steps", "1", "--warmup-steps", "1", "--repeats", "1", "--pipeline-batches", "1",
+               "--full-run-epochs", "1", "--workers", "0", "--out", "benchmark.md"]],
+             [["create_submission_zip.py", "--yes"]]]
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        list(pool.map(lambda lane: [run(command) for command in lane], lanes))
     report = run(["report.py"])
     assert "pages)" in report.stdout
-    for made in ("results/task1.md", "plots/task4b.png", "plots/task4c.png", "assignment_code.zip",
-                 "report/report.pdf"):
+    for made in ("results/task1.md", "results/task4a.json", "plots/task4b.png", "plots/task4c.png", "benchmark.md",
+                 "assignment_code.zip", "report/report.pdf"):
         assert (tmp_path / made).is_file(), made
 
     # The zip holds the project's sources, made where the runs' outputs lie, and nothing from any run.

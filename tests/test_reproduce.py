@@ -23,7 +23,7 @@ def test_reproduce_runs_each_step_once_records_it_and_packs_what_is_done(tmp_pat
             "--output", str(tmp_path / "reproduce")]
 
     def options_fail(argv_, cwd, log):  # the step's one command (--smoke): task2.py --no-autocast
-        return 3 if "--no-autocast" in argv_ else reproduce.in_a_process(argv_, cwd, log)
+        return 3 if "--no-autocast" in argv_ else in_this_process(argv_, cwd, log)
 
     with pytest.raises(utils.UserError, match="steps that failed: options"):
         reproduce.main(argv, run=options_fail)
@@ -34,7 +34,7 @@ def test_reproduce_runs_each_step_once_records_it_and_packs_what_is_done(tmp_pat
         task2=0, task3=0, ablations=0, task4a=0, benchmark=0, options=3)
 
     capsys.readouterr()
-    assert reproduce.main(argv) == work  # again: only the failed step runs
+    assert reproduce.main(argv, run=in_this_process) == work  # again: only the failed step runs
     out = capsys.readouterr().out
     assert out.count("done before") == 5 and "options: running" in out
     manifest = json.loads((work / "manifest.json").read_text())

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # once optimisation step N has been computed (of the run named KILL_RUN, if set), as a scheduler or
 # Ctrl-C would at a moment of their choosing.
 RUNNER = f"""
-import os, signal, sys
+import os, runpy, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-import trainer, utils
+import trainer
 
 kill_at, kill_signal = int(os.environ.get("KILL_AT_STEP", 0)), os.environ.get("KILL_SIGNAL", "SIGINT")
 kill_run = os.environ.get("KILL_RUN", "")
@@ -41,9 +41,8 @@ def train_step_then_signal(self, images, labels):
     return result
 
 trainer.Trainer.train_step = train_step_then_signal
-script = __import__(sys.argv[1].removesuffix(".py"))
 sys.argv = sys.argv[1:]
-utils.run_cli(script.main)
+runpy.run_path(os.path.join({str(ROOT)!r}, sys.argv[0]), run_name="__main__")  # as `python task2.py ...` runs it
 """
 
 
@@ -110,7 +109,7 @@ def test_an_interrupted_task2_run_resumes_to_identical_results(tmp_path, pickled
         assert last["global_step"] == kill_at and last["train_loader"]["epoch"] == kill_at // 11  # mid-epoch
         message = stopped.stderr.strip().splitlines()[-1]
         assert message.startswith(f"{kill_signal} at step {kill_at} (epoch ")
-        assert message.endswith(f"resume with: python {' '.join(argv)} --resume")
+        assert message.endswith(f"resume with: python {' '.join([str(ROOT / argv[0]), *argv[1:]])} --resume")
     resumed = run_script([*argv, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {last['global_step']}" in resumed.stdout
