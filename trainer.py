@@ -160,6 +160,9 @@ class Trainer:
         One process at a time trains a run: another that asks for the same run (a job of an array, say) waits
         for the lock in its checkpoint folder, and then, with resume="auto", finds it finished.
         """
+        last = self.checkpoint_dir / "last.ckpt"
+        if self.resume is True and not last.is_file():  # refused before anything is made
+            raise utils.UserError(f"--resume: nothing to resume at '{last}'; leave out --resume to start the run")
         utils.writable_folder(self.results_path.parent)
         with utils.file_lock(utils.writable_folder(self.checkpoint_dir) / ".train.lock",
                              f"another process training {self.name}"):
@@ -181,8 +184,6 @@ class Trainer:
                 else:
                     print(f"{self.name}: finished already; its results are in '{self.results_path}' (nothing changed)")
                     return self.final
-        elif self.resume is True:
-            raise utils.UserError(f"--resume: nothing to resume at '{last}'; leave out --resume to start the run")
         elif self.resume == "auto":
             print(f"{self.name}: nothing to resume at '{last}'; starting the run")
         self.start_time = time.perf_counter()

@@ -147,6 +147,7 @@ def test_resume_with_nothing_to_resume_names_the_checkpoint(tmp_path, pickled_di
     assert done.returncode == 1
     assert done.stderr.strip() == ("error: --resume: nothing to resume at 'checkpoints/task2/last.ckpt'; "
                                    "leave out --resume to start the run")
+    assert not any(tmp_path.iterdir())  # nothing made
     done = run_script(["task3.py", "--data-dir", str(pickled_dir), "--resume", "--seeds", "0", "1"], tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "nothing to resume at 'checkpoints/task3_vgg_seed0/last.ckpt'" in done.stderr
