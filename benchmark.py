@@ -355,8 +355,7 @@ def main(argv=()):
                             + utils.markdown_table(*full_run_table(args.data_dir, device, args, scratch)))
     text = "\n\n".join(sections) + "\n"
     out = pathlib.Path(args.out or f"results/benchmark_{device.type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    utils.save_text(text, out)
     print("\n" + text + f"saved {out}")
 
 

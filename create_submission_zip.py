@@ -7,6 +7,7 @@ checkpoints, results, plots or caches. It is then unpacked into a temporary fold
 module is imported from there, so a file the code needs but the zip lacks is caught now.
 """
 import argparse
+import io
 import pathlib
 import subprocess
 import sys
@@ -26,17 +27,18 @@ def source_files(root):
     return sorted(files)
 
 
-def write_zip(root, files, path):
-    """Zip `files` (relative to root) into `path`, written to a temporary name first."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+def zip_bytes(root, files):
+    """The zip of `files` (relative to root), made in memory (a few hundred kB): nothing is written until it is
+    checked, and then at once (utils.save_bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in files:
             archive.write(pathlib.Path(root) / file, file.as_posix())
-    return tmp
+    return buffer.getvalue()
 
 
 def check_zip(path):
-    """Unpack the zip into a temporary folder and import every module from there.
+    """Unpack the zip (a path, or a file object) into a temporary folder and import every module from there.
 
     Returns None, or (missing module, the module that imports it).
     """
@@ -76,17 +78,16 @@ def main(argv=()):
         if input(f"'{output}' exists; replace it? [y/N] ").strip().lower() not in ("y", "yes"):
             raise utils.UserError(f"kept '{output}' as it was")
     files = source_files(root)
-    tmp = write_zip(root, files, output)
-    problem = check_zip(tmp)
+    data = zip_bytes(root, files)
+    problem = check_zip(io.BytesIO(data))
     if problem:
-        tmp.unlink()
         missing, importer = problem
         if not (root / f"{missing.split('.')[0]}.py").exists() and not (root / missing.split(".")[0]).is_dir():
             raise utils.UserError(f"{importer}.py needs the package '{missing}', which is not installed: "
                                   "pip install -r requirements.txt")
         raise utils.UserError(f"the zip would lack {missing}, which {importer}.py imports: make it a .py "
                               f"file next to the scripts (the zip takes {', '.join(PATTERNS)})")
-    tmp.replace(output)
+    utils.save_bytes(data, output)
     print(f"saved {output}: {len(files)} files, every module imports from the unpacked zip")
     for file in files:
         print(f"  {file.as_posix()}")

@@ -4,11 +4,14 @@ No DataLoader, no per-image Python in the training loop: a batch is an index int
 and augmentation and normalisation are a few batched tensor ops on the device (the approach
 of Keller Jordan's airbench, https://github.com/KellerJordan/cifar10-airbench).
 """
+import _compat_pickle  # pickle's own table of Python 2 names
 import contextlib
 import hashlib
 import os
 import pathlib
 import pickle
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,24 +38,58 @@ class DatasetNotFoundError(utils.UserError):
 
 # ---------------------------------------------------------------- reading the two layouts
 
+class CodeInPickle(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR-10 batch does not hold: a file that would run code."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds and nothing else. A pickle can name any importable callable and have
+    it called (os.system, eval, ...): that is how a crafted file runs code while it is read. A batch is a dict of
+    strings, bytes, lists, numbers, which need no globals, and one numpy array, rebuilt by the few globals below;
+    any other is refused before it is looked up. `_codecs.encode` is how Python 3 writes bytes in pickle
+    protocol 2 (the original archive's): it turns a string into bytes and calls nothing else."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct",)} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        # Protocol 2 names some of Python 3's globals as Python 2 did (builtins as __builtin__), and the base class
+        # maps them back before it imports: check, and name, what it would import.
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if (module, name) not in self.ALLOWED:
+            raise CodeInPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def read_pickled_batches(folder):
     """torchvision's layout (cifar-10-batches-py/) -> (train images uint8 [N,3,32,32], train labels int64 [N],
-    test images, test labels, class names)."""
+    test images, test labels, class names). Read with BatchUnpickler: a file that asks to run code is refused."""
     folder = pathlib.Path(folder)
 
     def read(name):
         with open(folder / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            contents = BatchUnpickler(f, encoding="latin1").load()
+        # Python 2 wrote the keys as strings (read as str here); a batch written again by Python 3 as bytes.
+        return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in contents.items()}
 
     def images_and_labels(batch):  # rows of 3072 bytes (R plane, G plane, B plane) and their labels
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         return torch.from_numpy(images), torch.from_numpy(np.asarray(batch["labels"])).long()
 
+    def label_names(meta):
+        return [name.decode("latin1") if isinstance(name, bytes) else str(name) for name in meta["label_names"]]
+
     parts = {}  # file name -> (images, labels), or the class names for batches.meta
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
         try:
             contents = read(name)
-            parts[name] = contents["label_names"] if name == "batches.meta" else images_and_labels(contents)
+            parts[name] = label_names(contents) if name == "batches.meta" else images_and_labels(contents)
+        except CodeInPickle as error:
+            raise DatasetNotFoundError(
+                f"'{folder / name}' asks to run code ({error}) and is not CIFAR-10 data: nothing of it was run; "
+                f"delete the folder '{folder}' and download CIFAR-10 again from {CIFAR10_URL}, or ask who put "
+                f"the file there") from None
         except Exception as error:  # noqa: BLE001  (unpickling a damaged file can fail in any way)
             raise DatasetNotFoundError(
                 f"'{folder / name}' is a missing or broken CIFAR-10 file ({type(error).__name__}); delete the "
@@ -90,17 +127,21 @@ def fingerprint(files):
 
 
 def decode_image(path):
-    """One image file -> uint8 [3,32,32]; anything but a readable 32x32 image is an error naming the file."""
+    """One image file -> uint8 [3,32,32]; anything but a readable 32x32 image is an error naming the file. The size
+    is read from the file's header (Image.open decodes nothing) and checked before any pixel is decoded, so a huge
+    image costs no more than a small one."""
     try:
         with Image.open(path) as image:
+            if image.size != (32, 32):
+                raise DatasetNotFoundError(
+                    f"'{path}' is {image.size[0]}x{image.size[1]} pixels; CIFAR-10 images are 32x32: replace it with "
+                    f"a good copy (or delete it) and run again")
             pixels = np.array(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for empty, cut-short or foreign files
+    # PIL's errors for empty, cut-short or foreign files, and for an image too large to decode safely
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DatasetNotFoundError(
             f"'{path}' is not a readable image ({type(error).__name__}: {error}); replace it with a good copy "
             f"(or delete it) and run again") from None
-    if pixels.shape[:2] != (32, 32):
-        raise DatasetNotFoundError(
-            f"'{path}' is {pixels.shape[1]}x{pixels.shape[0]} pixels; CIFAR-10 images are 32x32")
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
@@ -141,8 +182,9 @@ def read_image_folder(root):
         utils.save_checkpoint(dict(train_images=train_images, train_labels=train_labels,
                                    test_images=test_images, test_labels=test_labels,
                                    classes=classes, fingerprint=key), cache)
-    except OSError as error:
-        print(f"note: could not write the cache '{cache}' ({error}); the images are decoded on every run")
+    except (OSError, utils.UserError) as error:  # a full disk, say: the cache only saves time
+        print(f"note: could not write the cache '{cache}' ({error}); going on without it: the images are decoded "
+              f"again on every run")
     return train_images, train_labels, test_images, test_labels, classes
 
 
@@ -154,30 +196,55 @@ def read_cifar10(data_dir):
             return read_pickled_batches(batches)
     if (root / "train").is_dir() and (root / "test").is_dir():
         return read_image_folder(root)
-    import torchvision  # here, not at the top: only the download needs it, and it takes seconds to import
-
     created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     try:
-        lock = utils.writable_folder(root) / ".download.lock"
-    except utils.UserError as error:  # a folder that cannot be made or written
-        failure = str(error)
-    else:  # the jobs of an array that start together download it once: the first, while the others wait
-        with utils.file_lock(lock, f"another process downloading CIFAR-10 into '{root}'"):
-            if not (root / "cifar-10-batches-py" / "data_batch_1").is_file():
-                _, failure = utils.try_download(torchvision.datasets.CIFAR10, root=root, train=True, download=True)
-            else:
-                failure = None
-        if failure is None:
-            return read_pickled_batches(root / "cifar-10-batches-py")
-        lock.unlink(missing_ok=True)
-    for folder in created:  # a mistyped --data-dir leaves no empty folders behind the failed download
-        with contextlib.suppress(OSError):  # not empty: a partial download stays for the user to see
-            folder.rmdir()
+        failure = download_once(root)
+    finally:  # a mistyped --data-dir, or a full disk, leaves no empty folders behind the failed download
+        if not (root / "cifar-10-batches-py" / "data_batch_1").is_file():
+            for folder in created:
+                with contextlib.suppress(OSError):  # not empty: what is there stays for the user to see
+                    folder.rmdir()
+    if failure is None:
+        return read_pickled_batches(root / "cifar-10-batches-py")
     raise DatasetNotFoundError(
         f"CIFAR-10 is not in '{root}' and could not be downloaded ({failure}). "
         f"Put it there in one of two layouts: torchvision's 'cifar-10-batches-py/' (unpacked from "
         f"{CIFAR10_URL}), or image folders 'train/<class>/*.png' and 'test/<class>/*.png'; "
         f"or point to it with --data-dir DIR")
+
+
+def download_once(root):
+    """Download CIFAR-10 into `root` unless another process has -> None, or why it failed. The jobs of an array that
+    start together download it once: the first, while the others wait for its lock. A full disk is a NoSpaceLeft."""
+    import torchvision  # here, not at the top: only the download needs it, and it takes seconds to import
+
+    try:
+        lock = utils.writable_folder(root) / ".download.lock"
+    except utils.UserError as error:  # a folder that cannot be made or written
+        return str(error)
+    failure = "stopped"  # until the download has ended, one way or another (a full disk raises)
+    try:
+        with utils.file_lock(lock, f"another process downloading CIFAR-10 into '{root}'"):
+            if (root / "cifar-10-batches-py" / "data_batch_1").is_file():
+                failure = None
+            else:
+                _, failure = utils.try_download(download_cifar10, root, torchvision.datasets.CIFAR10, folder=root)
+    finally:
+        if failure is not None:
+            lock.unlink(missing_ok=True)
+    return failure
+
+
+def download_cifar10(root, dataset):
+    """Download and unpack CIFAR-10 with torchvision's `dataset` class into a folder of its own inside `root`, and
+    move the unpacked batches to root/cifar-10-batches-py when they are whole: a failed download (no network, a
+    full disk) leaves nothing behind, the archive (163 MB) not even when it succeeds."""
+    work = pathlib.Path(root) / f".download-{uuid.uuid4().hex}"
+    try:
+        dataset(root=work, train=True, download=True)
+        os.replace(work / "cifar-10-batches-py", pathlib.Path(root) / "cifar-10-batches-py")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- batches on the device

@@ -53,8 +53,7 @@ def read_answers(path):
     missing, never written otherwise. Comments and empty sections count as not written."""
     path = pathlib.Path(path)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(answers_template())
+        utils.save_text(answers_template(), path)
         print(f"made '{path}': write your name and your answers there, then run report.py again")
     try:
         text = path.read_text(encoding="utf-8")
@@ -595,7 +594,7 @@ class PDF:
         self.pdf.ln(2)
 
     def save(self, path):
-        self.pdf.output(str(path))
+        utils.save_bytes(self.pdf.output(), path)
 
 
 def main(argv=()):
@@ -608,7 +607,7 @@ def main(argv=()):
     args = parser.parse_args(argv)
     blocks = build(args.results_dir, args.plots_dir, args.output_dir)
     output = pathlib.Path(args.output_dir)
-    (output / "report.md").write_text(to_markdown(blocks, output), encoding="utf-8")
+    utils.save_text(to_markdown(blocks, output), output / "report.md")
     pdf = PDF()
     for block, next_block in zip(blocks, blocks[1:] + [None], strict=True):
         pdf.add(block, next_block)

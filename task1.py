@@ -157,8 +157,7 @@ def main(argv=()):
         print(f"Task {question}:" + ("\n" if "\n" in answer else " ") + answer)
         print("\n".join("    " + line for line in details.splitlines()) + "\n")
     path = pathlib.Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_markdown(results))
+    utils.save_text(to_markdown(results), path)
     print(f"saved {path}")
     return results
 

@@ -62,4 +62,4 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

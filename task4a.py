@@ -70,7 +70,8 @@ def imagenet_state_dict(weights_path=None):
                                   f"(such as {os.path.basename(WEIGHTS.url)})")
         return state_dict
     state_dict, failure = utils.try_download(torch.hub.load_state_dict_from_url, WEIGHTS.url,
-                                             progress=True, check_hash=True, map_location="cpu")
+                                             folder=os.path.dirname(cached_weights_path()),
+                                             progress=True, check_hash=True, map_location="cpu", weights_only=True)
     if failure is not None:
         raise utils.UserError(
             f"could not download ResNet18's ImageNet weights ({failure}). torchvision keeps them as "
@@ -136,4 +137,4 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    utils.run_cli(main, resumable=True)

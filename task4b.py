@@ -27,7 +27,7 @@ def load_image(path, size=224):
                               "(see images/README.md), or pass --image PATH")
     try:
         image = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise utils.UserError(f"'{path}' is not an image PIL can read ({error}): copy it again, or pass another "
                               f"with --image PATH") from None
     transform = T.Compose([T.Resize((size, size)), T.ToTensor(),

@@ -177,11 +177,14 @@ class Trainer:
         if self.resume and last.is_file():
             self.restore(utils.load_checkpoint(last, "cpu"))
             if self.training_done and self.results_path.is_file():
-                try:
-                    self.final = json.loads(self.results_path.read_text())["final"]
-                except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-                    print(f"note: '{self.results_path}' cannot be read; evaluating the finished run again to remake it")
+                # The results file may be another run's: one whose own results could not be written (a full disk)
+                # leaves the file it would have replaced.
+                results = finished_results(self.results_path, self.settings)
+                if results is None:
+                    print(f"note: '{self.results_path}' does not hold this run (unreadable, or another run's); "
+                          f"evaluating the finished run again to remake it")
                 else:
+                    self.final = results["final"]
                     print(f"{self.name}: finished already; its results are in '{self.results_path}' (nothing changed)")
                     return self.final
         elif self.resume == "auto":

@@ -2,12 +2,14 @@
 import argparse
 import contextlib
 import errno
+import io
 import json
 import math
 import os
 import pathlib
 import random
 import shlex
+import shutil
 import socket
 import sys
 import uuid
@@ -19,6 +21,54 @@ import torch
 
 class UserError(Exception):
     """A mistake the user can fix; the message says how. Scripts print it on one line and exit 1."""
+
+
+# The errors of a write that found no room: a full file system, or the user's disk quota spent (a cluster's home
+# folder, a Google Drive). Windows has no EDQUOT.
+OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class NoSpaceLeft(UserError):
+    """A file could not be written for want of space in `folder` (`needed` bytes, where known). The message says
+    what to do; a training script's run_cli adds the command that continues the run."""
+
+    def __init__(self, folder, needed=None, quota=False):
+        self.folder, self.needed, self.quota = pathlib.Path(folder), needed, quota
+        facts = [f"{human_size(needed)} needed"] if needed is not None else []
+        if quota:  # the file system may have room; the user's share of it has none
+            facts.insert(0, "disk quota exceeded")
+        else:
+            free = free_space(self.folder)
+            facts += [f"{human_size(free)} free"] if free is not None else []
+        self.facts = f" ({', '.join(facts)})" if facts else ""
+        super().__init__(f"no space left in '{self.folder}'{self.facts}: free some space, or ask for more quota, "
+                         f"then run the same command again")
+
+    @classmethod
+    def from_error(cls, error, folder, needed=None):
+        """The NoSpaceLeft for an OSError that is out of space (OUT_OF_SPACE), else None."""
+        if not isinstance(error, OSError) or error.errno not in OUT_OF_SPACE:
+            return None
+        return cls(folder, needed, quota=error.errno != errno.ENOSPC)
+
+
+def free_space(folder):
+    """Bytes free for writing in `folder` (or its nearest existing parent); None where that cannot be told."""
+    folder = pathlib.Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def human_size(size):
+    """1536000 -> '1.5 MB' (decimal units, as disks are sold and `df -H` shows them)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
 
 
 class TrainingInterrupted(Exception):
@@ -35,16 +85,36 @@ def resume_command(argv):
     return shlex.join(["python", *argv] + ([] if "--resume" in argv else ["--resume"]))
 
 
-def run_cli(main):
+def resume_auto_command(argv):
+    """The shell command that goes on with whatever `python <argv>` left: `--resume auto` in place of any --resume."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = i + 1 < len(argv) and argv[i + 1] == "auto"
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", *kept, "--resume", "auto"])
+
+
+def run_cli(main, resumable=False):
     """Call `main(sys.argv[1:])`; a UserError, or a file that cannot be written, becomes a one-line message and
     exit code 1, an interrupted training a line with the command that resumes it and exit code 128 + the signal's
-    number."""
+    number. resumable: the script trains with the Trainer, so a full disk's line names `--resume auto`, which goes
+    on from the last checkpoint (running the command as it was would start the run afresh)."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (a cluster job's) line by line
     try:
         main(sys.argv[1:])
+    except NoSpaceLeft as error:
+        sys.exit(f"error: {error}" + (f" with --resume auto: {resume_auto_command(sys.argv)}" if resumable else ""))
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:
+        if error.errno in OUT_OF_SPACE:  # a write outside save_bytes (a download, say): its folder where known
+            folder = pathlib.Path(error.filename).parent if error.filename else pathlib.Path.cwd()
+            sys.exit(f"error: {NoSpaceLeft.from_error(error, folder)}"
+                     + (f" with --resume auto: {resume_auto_command(sys.argv)}" if resumable else ""))
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         sys.exit(f"error: {cannot_write(error.filename, error)}")
@@ -258,13 +328,17 @@ def describe_device(device):
     return device.type
 
 
-def try_download(fetch, *args, timeout_s=60, **kwargs):
-    """fetch(*args, **kwargs) -> (its result, None), or (None, why it failed); a silent network fails in timeout_s."""
+def try_download(fetch, *args, folder, timeout_s=60, **kwargs):
+    """fetch(*args, **kwargs), which downloads into `folder` -> (its result, None), or (None, why it failed); a
+    silent network fails in timeout_s. A full disk is no download failure but a NoSpaceLeft naming `folder`."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
         return fetch(*args, **kwargs), None
     except Exception as error:  # noqa: BLE001  (any failure means: tell the user what to do instead)
+        full = NoSpaceLeft.from_error(error, folder)
+        if full is not None:
+            raise full from None
         return None, f"{type(error).__name__}: {error}"
     finally:
         socket.setdefaulttimeout(previous)
@@ -273,10 +347,11 @@ def try_download(fetch, *args, timeout_s=60, **kwargs):
 # ---------------------------------------------------------------- checkpoints and results
 
 @contextlib.contextmanager
-def atomic_file(path, mode="w"):
+def atomic_file(path, mode="w", size=None):
     """Open a new file beside `path` to write, and put it in the place of `path` once written: a reader never
     sees half a file, a kill mid-write leaves the old one, and jobs writing the same file at once (on any node
-    of a cluster) each write a temporary file of their own name."""
+    of a cluster) each write a temporary file of their own name. A full disk or spent quota leaves the old file
+    and no temporary one, and is a NoSpaceLeft naming the folder (and `size`, the bytes to be written, if given)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -286,27 +361,38 @@ def atomic_file(path, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        full = NoSpaceLeft.from_error(error, path.parent, size)
+        if full is not None:
+            raise full from None
         raise
 
 
+def save_bytes(data, path):
+    """Write `data` (bytes, or a buffer of them) to `path` atomically (atomic_file). Every file the project makes
+    goes through here: made in memory whole first, so that a full disk meets Python's own write, never a
+    library's writer halfway through (torch's zip writer turns the OSError into a RuntimeError)."""
+    data = memoryview(data).cast("B")
+    with atomic_file(path, "wb", size=data.nbytes) as f:
+        f.write(data)
+
+
 def save_checkpoint(checkpoint, path):
-    """Write a checkpoint dict atomically (atomic_file)."""
-    with atomic_file(path, "wb") as f:
-        torch.save(checkpoint, f)
+    """Write a checkpoint dict atomically (save_bytes)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    save_bytes(buffer.getbuffer(), path)
 
 
 def save_json(data, path):
-    """Write `data` as indented JSON, atomically (atomic_file)."""
-    with atomic_file(path) as f:
-        f.write(json.dumps(data, indent=1, default=str) + "\n")
+    """Write `data` as indented JSON, atomically (save_bytes)."""
+    save_text(json.dumps(data, indent=1, default=str) + "\n", path)
 
 
 def save_text(text, path):
-    """Write a text file (a table, a report), atomically (atomic_file)."""
-    with atomic_file(path) as f:
-        f.write(text)
+    """Write a text file (a table, a report), UTF-8, atomically (save_bytes)."""
+    save_bytes(text.encode("utf-8"), path)
 
 
 @contextlib.contextmanager
@@ -425,8 +511,9 @@ def save_figure(fig, path, show=False):
     """Save `fig` as a PNG (creating its folder); show it only when asked, so headless runs never block."""
     import matplotlib.pyplot as plt
 
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format=pathlib.Path(path).suffix.lstrip(".") or "png", dpi=150)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=pathlib.Path(path).suffix.lstrip(".") or "png", dpi=150)
+    save_bytes(buffer.getbuffer(), path)
     print(f"saved {path}")
     if show:
         plt.show()

@@ -103,6 +103,9 @@ def offline(monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
 
 
+TRAINING_SCRIPTS = {"task2", "task3", "task4a"}  # the scripts whose __main__ says run_cli(main, resumable=True)
+
+
 def run_script(command, cwd):
     """`python <command>` from the folder `cwd`, as the script's `if __name__ == "__main__"` runs it (utils.run_cli
     around its main), but inside this process: no interpreter start, no second import of torch. -> a
@@ -112,6 +115,7 @@ def run_script(command, cwd):
 
     script, *argv = command
     main = importlib.import_module(Path(script).stem).main
+    resumable = Path(script).stem in TRAINING_SCRIPTS
     out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
     previous_argv, previous_cwd = sys.argv, os.getcwd()
     sys.argv = [script, *argv]
@@ -119,7 +123,7 @@ def run_script(command, cwd):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                utils.run_cli(main)
+                utils.run_cli(main, resumable)
                 code = 0
             except SystemExit as exit_:  # as the interpreter ends on it: a message goes to stderr, status 1
                 code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
