@@ -233,7 +233,7 @@ def pipeline_table(train_images, train_labels, device, args):
 def configurations(device, levers):
     """(label, pipeline, Trainer speed keywords) to time per network, the starter's way first."""
     configs = [("standard, float32", "standard", PLAIN), ("ours, float32", "ours", PLAIN)]
-    dtype = utils.autocast_dtype(device, bfloat16=device.type == "cpu")  # on the CPU, bfloat16 native or not
+    dtype = utils.autocast_dtype(device, "bfloat16" if device.type == "cpu" else "auto")  # CPU: native or not
     if "autocast" in levers and dtype is not None:
         native = "" if device.type != "cpu" else " (native)" if utils.cpu_computes_bfloat16() else " (emulated)"
         label = f"ours + {str(dtype).removeprefix('torch.')} autocast{native}"
@@ -253,8 +253,7 @@ def configurations(device, levers):
 
 def task_defaults(device):
     """The speed keywords a task script uses on `device` when no speed flag is given."""
-    return utils.speed_options(argparse.Namespace(no_autocast=False, bfloat16=False, no_channels_last=False,
-                                                  compile=False), device)
+    return utils.speed_options(argparse.Namespace(precision="auto", no_channels_last=False, compile=False), device)
 
 
 def throughput_table(train_images, train_labels, device, args, scratch):

@@ -138,6 +138,7 @@ class Trainer:
 
         # The run state: what a checkpoint saves (save_run_state) besides the model, optimizer and friends.
         self.global_step = 0  # optimisation steps taken; histories are keyed by it, and the position follows from it
+        self.skipped_steps = 0  # float16: steps the gradient scaler skipped, their gradients having overflowed
         self.train_history = dict(loss={}, accuracy={})  # per step, on the training batch
         self.validation_history = dict(loss={}, accuracy={})  # per validation, on the whole set
         self.best_val_loss = math.inf
@@ -278,8 +279,15 @@ class Trainer:
             loss = self.loss_criterion(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_scaler.scale(loss).backward()
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+        if self.grad_scaler.is_enabled():
+            # The scaler skips a step whose gradients overflowed and halves its scale; it reads the overflow flag on
+            # the CPU anyway (a sync in step), so reading the scale twice costs nothing more that matters.
+            scale = self.grad_scaler.get_scale()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+            self.skipped_steps += self.grad_scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         logits = logits.detach().float()
@@ -362,6 +370,9 @@ class Trainer:
     def print_final(self):
         """The table of Task 2b: loss and accuracy of the best model on each split."""
         print(f"\nbest model: step {self.best_step} (epoch {self.best_step / self.steps_per_epoch:.2f})")
+        if self.grad_scaler.is_enabled():
+            print(f"float16: the gradient scaler skipped {self.skipped_steps} of {self.global_step} steps "
+                  f"(gradients that overflowed)")
         rows = [("train", "train"), ("val", "validation"), ("test", "test")]
         if self.tta_level:
             rows += [("val", "validation", "_tta"), ("test", "test", "_tta")]
@@ -384,6 +395,7 @@ class Trainer:
             final=self.final,
             best_step=self.best_step,
             steps=self.global_step,
+            skipped_steps=self.skipped_steps,
             steps_per_epoch=self.steps_per_epoch,
             epochs_run=self.global_step / self.steps_per_epoch,
             stopped_early=self.stopped_early,
@@ -417,6 +429,7 @@ class Trainer:
             grad_scaler=self.grad_scaler.state_dict(),
             lookahead=self.lookahead.state_dict() if self.lookahead else None,
             rng=random_states(), train_loader=self.dataloader_train.state_dict(), global_step=self.global_step,
+            skipped_steps=self.skipped_steps,
             train_history=self.train_history, validation_history=self.validation_history,
             best_val_loss=self.best_val_loss, best_step=self.best_step, stopped_early=self.stopped_early,
             training_done=self.training_done, train_time_s=self.elapsed(), settings=self.settings,
@@ -430,6 +443,7 @@ class Trainer:
             return False
         self.final, self.best_step, self.global_step = results["final"], results["best_step"], results["steps"]
         self.stopped_early, self.training_done = results["stopped_early"], True
+        self.skipped_steps = results.get("skipped_steps", 0)
         self.train_history, self.validation_history = (
             {key: {int(step): value for step, value in values.items()} for key, values in history.items()}
             for history in (results["train_history"], results["validation_history"]))
@@ -456,6 +470,7 @@ class Trainer:
         for key in ("global_step", "best_val_loss", "best_step", "stopped_early", "training_done",
                     "train_history", "validation_history"):
             setattr(self, key, checkpoint[key])
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)  # absent from checkpoints made before it was counted
         self.earlier_train_time = checkpoint["train_time_s"]
         if not self.training_done:
             print(f"{self.name}: resuming at step {self.global_step} (epoch "

@@ -176,6 +176,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # --precision's choices (autocast_dtype)
+
+
 def common_parser(prog, description, *, epochs, batch_size, learning_rate, early_stop_count, validations_per_epoch=2,
                   recipe_default=None):
     """The flags every training script shares, with that script's defaults. A default of None leaves the value
@@ -208,13 +211,18 @@ def common_parser(prog, description, *, epochs, batch_size, learning_rate, early
                         help="deterministic cuDNN kernels (slower); default lets cuDNN pick the fastest")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N, mps or cpu; default: CUDA, then Apple MPS, then CPU")
-    parser.add_argument("--no-autocast", action="store_true",
-                        help="train in float32 instead of mixed precision: on CUDA bfloat16 where the GPU "
-                             "computes it natively, else float16 with a gradient scaler; on the CPU bfloat16 "
-                             "where the processor computes it natively (AVX512-BF16 or AMX), else float32 anyway")
-    parser.add_argument("--bfloat16", action="store_true",
-                        help="mixed precision in bfloat16 even where it is only emulated (a CPU without "
-                             "AVX512-BF16 or AMX, a GPU before Ampere): slower there than float32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="what the forward passes compute in: float32, or mixed precision in bfloat16 or "
+                             "float16 (weights, optimizer state and reported losses stay float32; float16 with a "
+                             "gradient scaler); PyTorch Lightning's 32, bf16-mixed, 16-mixed. auto: on CUDA "
+                             "bfloat16 where the GPU computes it natively (Ampere and later), else float16 (a T4); "
+                             "on the CPU bfloat16 where the processor computes it natively (AVX512-BF16 or AMX), "
+                             "else float32; float32 on Apple MPS")
+    # The flags --precision replaced, kept so that the commands of earlier runs (records/, notes, job scripts) run.
+    parser.add_argument("--no-autocast", dest="precision", action="store_const", const="float32",
+                        help="the same as --precision float32")
+    parser.add_argument("--bfloat16", dest="precision", action="store_const", const="bfloat16",
+                        help="the same as --precision bfloat16")
     parser.add_argument("--no-channels-last", action="store_true",
                         help="keep PyTorch's default NCHW memory format instead of channels-last "
                              "(the default on CUDA and the CPU)")
@@ -237,12 +245,9 @@ def checkpoint_options(args, resume=None):
 
 
 def speed_options(args, device):
-    """The Trainer's speed keywords from the command line: mixed precision on CUDA and on CPUs that compute
-    bfloat16 natively (autocast_dtype), channels-last on CUDA and the CPU (where it trained Task 3's VGG 1.31x
-    as fast; docs/results.md)."""
-    if args.no_autocast and args.bfloat16:
-        raise UserError("--no-autocast and --bfloat16 exclude each other: choose float32 or bfloat16")
-    return dict(autocast_dtype=None if args.no_autocast else autocast_dtype(device, args.bfloat16),
+    """The Trainer's speed keywords from the command line: the precision (autocast_dtype), channels-last on CUDA
+    and the CPU (where it trained Task 3's VGG 1.31x as fast; docs/results.md), torch.compile."""
+    return dict(autocast_dtype=autocast_dtype(device, args.precision),
                 channels_last=device.type in ("cuda", "cpu") and not args.no_channels_last,
                 compile_model=args.compile)
 
@@ -284,16 +289,24 @@ def get_device(name=None):
     return device
 
 
-def autocast_dtype(device, bfloat16=False):
-    """Mixed precision for `device`, None for float32 throughout. CUDA: bfloat16 on GPUs that compute it
-    natively (Ampere and later), float16 on older ones (a T4: bfloat16 there is emulated, slower than float32).
-    CPU: bfloat16 where the processor computes it natively (cpu_computes_bfloat16), float32 elsewhere.
-    bfloat16=True asks for bfloat16 wherever it can run, emulated or not. MPS: float32."""
+def autocast_dtype(device, precision="auto"):
+    """The dtype of `device`'s forward passes for --precision (PRECISIONS), None for float32 throughout.
+    "bfloat16" and "float16" are taken as asked, emulated or not (float16 on a CPU: a check of the gradient
+    scaler's logic, not a speed-up). "auto": on CUDA bfloat16 on GPUs that compute it natively (Ampere and
+    later), float16 on older ones (a T4: bfloat16 there is emulated, slower than float32); on the CPU bfloat16
+    where the processor computes it natively (cpu_computes_bfloat16), float32 elsewhere; on MPS float32."""
+    if precision == "float32":
+        return None
+    if precision != "auto":
+        if device.type == "mps":
+            raise UserError(f"--precision {precision}: mixed precision is not supported on Apple MPS here; "
+                            f"use --precision float32 (what auto gives there)")
+        return getattr(torch, precision)
     if device.type == "cuda":  # the GPU in use (--device cuda:1 on a machine of mixed GPUs), not the current one
         native = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere (sm_80) and later
-        return torch.bfloat16 if native or bfloat16 else torch.float16
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if bfloat16 or cpu_computes_bfloat16() else None
+        return torch.bfloat16 if cpu_computes_bfloat16() else None
     return None
 
 

@@ -22,8 +22,8 @@ def test_reproduce_runs_each_step_once_records_it_and_packs_what_is_done(tmp_pat
     argv = ["--smoke", "--data-dir", str(pickled_dir), "--skip", "tests", "--device", "cpu",
             "--output", str(tmp_path / "reproduce")]
 
-    def options_fail(argv_, cwd, log):  # the step's one command (--smoke): task2.py --no-autocast
-        return 3 if "--no-autocast" in argv_ else in_this_process(argv_, cwd, log)
+    def options_fail(argv_, cwd, log):  # the step's first command (--smoke): task2.py --precision float32
+        return 3 if "float32" in argv_ else in_this_process(argv_, cwd, log)
 
     with pytest.raises(utils.UserError, match="steps that failed: options"):
         reproduce.main(argv, run=options_fail)

@@ -15,7 +15,7 @@ from test_trainer import make_trainer
 
 
 def flags(**overrides):
-    defaults = dict(no_autocast=False, bfloat16=False, no_channels_last=False, compile=False)
+    defaults = dict(precision="auto", no_channels_last=False, compile=False)
     return argparse.Namespace(**dict(defaults, **overrides))
 
 
@@ -65,8 +65,9 @@ def test_speed_defaults_per_device(monkeypatch):
     assert utils.speed_options(flags(), torch.device("cuda:1")) == dict(autocast_dtype=torch.bfloat16,
                                                                        channels_last=True, compile_model=False)
     assert utils.autocast_dtype(cuda) == torch.float16 and utils.autocast_dtype(torch.device("cuda:0")) == torch.float16
-    assert utils.autocast_dtype(cuda, bfloat16=True) == torch.bfloat16  # asked for, emulated or not
-    assert utils.speed_options(flags(no_autocast=True, no_channels_last=True), cuda) == dict(
+    assert utils.autocast_dtype(cuda, "bfloat16") == torch.bfloat16  # asked for, emulated or not
+    assert utils.autocast_dtype(torch.device("cuda:1"), "float16") == torch.float16  # a T4's path on an A100
+    assert utils.speed_options(flags(precision="float32", no_channels_last=True), cuda) == dict(
         autocast_dtype=None, channels_last=False, compile_model=False)
 
 
@@ -116,10 +117,17 @@ def record_forward_precision(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("extra, expected", [([], torch.bfloat16), (["--no-autocast"], None)])
-def test_the_autocast_flag_reaches_the_training_step(tmp_path, monkeypatch, pickled_dir, extra, expected):
+@pytest.mark.parametrize("extra, expected", [([], torch.bfloat16), (["--precision", "float32"], None),
+                                             (["--no-autocast"], None), (["--precision", "float16"], torch.float16),
+                                             (["--bfloat16"], torch.bfloat16)])
+def test_the_precision_flag_reaches_the_training_step(tmp_path, monkeypatch, pickled_dir, extra, expected):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(utils, "autocast_dtype", lambda device, bfloat16=False: torch.bfloat16)  # an Ampere GPU
+    real = utils.autocast_dtype
+
+    def as_on_an_ampere_gpu(device, precision="auto"):
+        return torch.bfloat16 if precision == "auto" else real(device, precision)
+
+    monkeypatch.setattr(utils, "autocast_dtype", as_on_an_ampere_gpu)
     seen = record_forward_precision(monkeypatch)
     trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--batch-size", "180", "--device", "cpu",
                           *extra])
@@ -206,10 +214,47 @@ def test_cpus_that_compute_bfloat16_natively_train_in_it_by_default(monkeypatch,
     monkeypatch.setattr(utils, "cpu_flags", lambda: flags_)
     assert utils.cpu_computes_bfloat16() is native
     assert utils.speed_options(flags(), cpu)["autocast_dtype"] == (torch.bfloat16 if native else None)
-    assert utils.speed_options(flags(no_autocast=True), cpu)["autocast_dtype"] is None  # float32 when asked
-    assert utils.speed_options(flags(bfloat16=True), cpu)["autocast_dtype"] == torch.bfloat16  # even emulated
-    with pytest.raises(utils.UserError, match="exclude each other"):
-        utils.speed_options(flags(no_autocast=True, bfloat16=True), cpu)
+    assert utils.speed_options(flags(precision="float32"), cpu)["autocast_dtype"] is None  # float32 when asked
+    assert utils.speed_options(flags(precision="bfloat16"), cpu)["autocast_dtype"] == torch.bfloat16  # even emulated
+    assert utils.speed_options(flags(precision="float16"), cpu)["autocast_dtype"] == torch.float16
+
+
+def test_mixed_precision_on_apple_mps_is_one_line():
+    with pytest.raises(utils.UserError, match="--precision float16: mixed precision is not supported on Apple MPS"):
+        utils.autocast_dtype(torch.device("mps"), "float16")
+    assert utils.autocast_dtype(torch.device("mps")) is None
+
+
+def test_the_gradient_scaler_skips_an_overflowing_step_and_counts_it(tmp_path):
+    trainer = make_trainer(tmp_path, autocast_dtype=torch.float16)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # the scaled float16 gradients: inf
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    images, labels = next(iter(trainer.dataloader_train))
+    trainer.train_step(images, labels)
+    assert trainer.skipped_steps == 1 and trainer.grad_scaler.get_scale() == 2.0 ** 99
+    assert all(torch.equal(before[name], p) for name, p in trainer.model.named_parameters())  # no step taken
+    trainer.grad_scaler = torch.amp.GradScaler("cpu")  # the default scale: finite gradients
+    trainer.train_step(images, labels)
+    assert trainer.skipped_steps == 1
+    assert not all(torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+def test_float16_on_the_cpu_trains_with_the_scaler_and_records_its_skipped_steps(tmp_path, monkeypatch, pickled_dir):
+    monkeypatch.chdir(tmp_path)
+    seen = record_forward_precision(monkeypatch)
+    trainer = task2.main(["--data-dir", str(pickled_dir), "--epochs", "1", "--device", "cpu", "--precision", "float16"])
+    assert set(seen) == {torch.float16} and trainer.grad_scaler.is_enabled()
+    results = json.loads((tmp_path / "results/task2.json").read_text())
+    assert results["settings"]["precision"] == "float16" and results["skipped_steps"] == trainer.skipped_steps
+    assert results["final"]["test_accuracy"] > 0.1 and all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_a_checkpoint_of_the_old_precision_flags_resumes_under_the_new_one():
+    from trainer import settings_differences
+
+    old = dict(no_autocast=True, bfloat16=False, precision="float32", lr=0.05)
+    assert settings_differences(old, dict(precision="float16", lr=0.05)) == []
+    assert settings_differences(old, dict(precision="float16", lr=0.1)) == [("lr", 0.05, 0.1)]
 
 
 def test_the_cpu_flags_are_read_from_proc_cpuinfo_where_linux_has_it():
