@@ -108,3 +108,44 @@ def test_muon_steps_filters_by_orthogonalised_nesterov_momentum_at_a_fixed_norm(
         expected = before * 2 / before.norm() - 0.1 * update  # norm sqrt(4) rows; no weight decay here
         assert torch.allclose(weight.detach(), expected, atol=1e-6)
         assert not torch.allclose(update, weight.grad / weight.grad.norm() * update.norm(), atol=1e-2)  # not plain SGD
+
+
+def per_bank_muon_step(params, state, lr, momentum, steps=3):
+    """Muon's step on conv filters as it was written before it was batched: one filter bank at a time."""
+    for p in params:
+        buffer = state.setdefault(p, torch.zeros_like(p)).mul_(momentum).add_(p.grad)
+        update = p.grad.add(buffer, alpha=momentum)
+        p.mul_(len(p) ** 0.5 / p.norm())
+        matrix = update.reshape(len(p), -1)
+        wide = matrix.size(0) <= matrix.size(1)
+        x = matrix if wide else matrix.T
+        x = x / (x.norm() + 1e-7)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        p.add_((x if wide else x.T).view_as(p), alpha=-lr)
+
+
+@pytest.mark.parametrize("model", ["resnet", "vgg"])
+def test_muon_batched_over_banks_of_one_shape_steps_as_one_bank_at_a_time_to_the_bit(model):
+    """The filter banks of the recipes' networks (and a 1x1 bank with more filters than inputs, whose matrix is
+    tall), stepped five times both ways from the same random filters and gradients."""
+    import task3
+
+    torch.manual_seed(0)
+    network = task3.MODELS[model](widths=task3.RECIPES[model]["widths"])
+    shapes = [p.shape for p in network.parameters() if p.dim() == 4 and p.requires_grad] + [(64, 16, 1, 1)]
+    assert len(shapes) > len(set(shapes))  # banks of one shape: a batch of more than one
+    batched = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    reference = [p.detach().clone() for p in batched]
+    muon = optim.Muon([dict(params=batched, orthogonalize=True)], lr=0.03, momentum=0.85)
+    state = {}
+    for _ in range(5):
+        grads = [torch.randn(shape) for shape in shapes]
+        for p, q, grad in zip(batched, reference, grads, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        muon.step()
+        with torch.no_grad():
+            per_bank_muon_step(reference, state, lr=0.03, momentum=0.85)
+    assert all(torch.equal(p, q) for p, q in zip(batched, reference, strict=True))
+    assert all(torch.equal(muon.state[p]["momentum_buffer"], state[q]) for p, q in zip(batched, reference, strict=True))
