@@ -17,7 +17,7 @@ import zipfile
 import utils
 
 ZIP_NAME = "assignment_code.zip"
-PATTERNS = ("*.py", "*.md", "requirements*.txt", "pytest.ini", "pyproject.toml", "tests/*.py", "slurm/*")
+PATTERNS = ("*.py", "*.ipynb", "*.md", "requirements*.txt", "pytest.ini", "pyproject.toml", "tests/*.py", "slurm/*")
 
 
 def source_files(root):
