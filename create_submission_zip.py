@@ -2,7 +2,7 @@
 
     python create_submission_zip.py          # asks before replacing an existing zip (in a terminal)
     python create_submission_zip.py --yes    # never asks
-The zip holds the scripts, shared modules, tests, requirements and README; never data,
+The zip holds the scripts, shared modules, the Colab notebook, tests, requirements and README; never data,
 checkpoints, results, plots or caches. It is then unpacked into a temporary folder and every
 module is imported from there, so a file the code needs but the zip lacks is caught now.
 """

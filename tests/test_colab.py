@@ -191,3 +191,28 @@ def test_the_notebook_runs_to_the_hand_in_and_a_reset_mid_task3_costs_only_the_l
     downloads = [call[1:] for call in calls if call[0] == "files.download"]
     assert downloads == [[str(project / "report" / "report.pdf"), True], [str(project / "assignment_code.zip"), True]]
     assert calls[-1] == ["drive.flush_and_unmount"]
+
+
+def test_only_the_requirements_this_python_lacks_are_installed(tmp_path):
+    import colab
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy>=1.0  # installed\nnumpy<1.0\ntorch>=2.4,<3\nno-such-package-here>=1\n\n")
+    assert colab.missing_requirements(requirements) == ["numpy<1.0", "no-such-package-here>=1"]
+
+
+def test_the_data_is_copied_to_the_runtimes_disk_from_an_archive_on_drive(tmp_path, pickled_dir):
+    import tarfile
+
+    import colab
+    import dataloaders
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # as the original: the batches in cifar-10-batches-py/
+        tar.add(pickled_dir / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    target = colab.put_data(tmp_path / "local" / "cifar10", archive)
+    assert len(dataloaders.read_cifar10(target)[1]) == 400
+    assert colab.put_data(target, archive) == target  # there already: nothing copied
+    with pytest.raises(colab.StepFailed, match="DATA_ON_DRIVE: no file or folder") as error:
+        colab.put_data(tmp_path / "elsewhere", tmp_path / "missing.tar.gz")
+    assert error.value._render_traceback_() == [f"StepFailed: {error.value}"]  # IPython shows this line alone
