@@ -60,9 +60,9 @@ class Muon(torch.optim.Optimizer):
     With the weight's norm fixed and batch norm after the conv, lr is the relative change of a filter bank
     per step. The other groups step exactly as torch.optim.SGD(nesterov=True) with their weight_decay.
 
-    A step launches a few kernels per group, not a few per weight: the elementwise work of all a group's weights
-    is one _foreach op each (one fused kernel on CUDA), and the filter banks of one shape are orthogonalised as
-    one batch. On a GPU, where each small kernel costs its launch, that is most of a step's optimizer time.
+    On a GPU a step launches a few kernels per group, not a few per weight: the elementwise work of all a group's
+    weights is one _foreach op each (one fused kernel on CUDA), and the filter banks of one shape are orthogonalised
+    as one batch (orthogonalized). There each small kernel costs its launch, most of the optimizer's time.
     """
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, orthogonalize=False, newton_schulz_steps=3):
@@ -93,15 +93,20 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
-def orthogonalized(updates, steps):
-    """orthogonalize() of each update's filters as rows of a matrix, the updates of one shape as one batch."""
-    by_shape = {}
+def orthogonalized(updates, steps, batch=None):
+    """orthogonalize() of each update's filters as rows of a matrix. With batch (the default on a GPU), the
+    updates of one shape are iterated as one batch: a step there is bound by kernel launches, not arithmetic.
+    On the CPU, which is bound by arithmetic, one at a time: a batch of a few products spread over the cores was
+    slower there (0.6-1.0x; records/cpu_zen5/README.md). Both give the same bits."""
+    groups = {}
     for i, update in enumerate(updates):
-        by_shape.setdefault(update.shape, []).append(i)
+        together = update.is_cuda if batch is None else batch
+        groups.setdefault(update.shape if together else i, []).append(i)
     result = [None] * len(updates)
-    for shape, indices in by_shape.items():
-        batch = torch.stack([updates[i].reshape(shape[0], -1) for i in indices])  # [B, filters, inputs x kernel]
-        for i, matrix in zip(indices, orthogonalize(batch, steps), strict=True):
+    for indices in groups.values():
+        shape = updates[indices[0]].shape
+        matrices = torch.stack([updates[i].reshape(shape[0], -1) for i in indices])  # [B, filters, inputs x kernel]
+        for i, matrix in zip(indices, orthogonalize(matrices, steps), strict=True):
             result[i] = matrix.view(shape)
     return result
 

@@ -149,3 +149,7 @@ def test_muon_batched_over_banks_of_one_shape_steps_as_one_bank_at_a_time_to_the
             per_bank_muon_step(reference, state, lr=0.03, momentum=0.85)
     assert all(torch.equal(p, q) for p, q in zip(batched, reference, strict=True))
     assert all(torch.equal(muon.state[p]["momentum_buffer"], state[q]) for p, q in zip(batched, reference, strict=True))
+    # The batches a GPU's step makes (here on the CPU, which steps one bank at a time) give the same bits.
+    updates = [torch.randn(shape) for shape in shapes]
+    one_by_one, together = (optim.orthogonalized(updates, 3, batch=batch) for batch in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(one_by_one, together, strict=True))
