@@ -105,6 +105,9 @@ def orthogonalized(updates, steps, batch=None):
     result = [None] * len(updates)
     for indices in groups.values():
         shape = updates[indices[0]].shape
+        if len(indices) == 1:  # no batch to make: no copy either
+            result[indices[0]] = orthogonalize(updates[indices[0]].reshape(shape[0], -1), steps).view(shape)
+            continue
         matrices = torch.stack([updates[i].reshape(shape[0], -1) for i in indices])  # [B, filters, inputs x kernel]
         for i, matrix in zip(indices, orthogonalize(matrices, steps), strict=True):
             result[i] = matrix.view(shape)
