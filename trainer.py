@@ -562,5 +562,9 @@ class StopSignals:
 
 
 def progress_bars_wanted():
-    """Progress bars in a terminal or a notebook; not in log files, where they would fill the log."""
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
+    """Progress bars in a terminal or a notebook; not in log files, where they would fill the log. A notebook: this
+    process is a Jupyter kernel (IPython's shell there is ZMQInteractiveShell), not merely one that imported
+    ipykernel (jupyter_client does, to find its kernels)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return sys.stderr.isatty() or type(shell).__name__ == "ZMQInteractiveShell"

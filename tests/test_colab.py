@@ -216,3 +216,15 @@ def test_the_data_is_copied_to_the_runtimes_disk_from_an_archive_on_drive(tmp_pa
     with pytest.raises(colab.StepFailed, match="DATA_ON_DRIVE: no file or folder") as error:
         colab.put_data(tmp_path / "elsewhere", tmp_path / "missing.tar.gz")
     assert error.value._render_traceback_() == [f"StepFailed: {error.value}"]  # IPython shows this line alone
+
+
+def test_progress_bars_in_a_jupyter_kernel_not_in_a_process_that_imported_one(tmp_path):
+    import ipykernel  # noqa: F401  (as jupyter_client imports it to find its kernels)
+
+    import trainer
+
+    assert not trainer.progress_bars_wanted()  # pytest's stderr is no terminal
+    cell = nbformat.v4.new_code_cell(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                                     "import trainer; print(trainer.progress_bars_wanted())")
+    done = execute(nbformat.v4.new_notebook(cells=[cell]), tmp_path)
+    assert cell_output(done.cells[0]).strip() == "True"
