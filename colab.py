@@ -3,7 +3,8 @@ runtime's own disk, each step of the README's table run as its command line with
 tables shown in the notebook, and the hand-in downloaded.
 
 Outside Colab (a Jupyter of one's own) the same cells run; only the download to the browser needs Colab's
-`google.colab.files`, imported where it is used.
+`google.colab.files`, imported where it is used. Importing this module needs the standard library alone: the
+requirements may not be installed yet.
 """
 import importlib.metadata
 import pathlib
@@ -14,15 +15,12 @@ import sys
 import tarfile
 import time
 
-import torch
-from packaging.requirements import Requirement
-
-import utils
-
 
 def missing_requirements(path="requirements.txt"):
     """The lines of a requirements file that the running Python does not satisfy (Colab has torch and most of the
     rest already: installing only these takes seconds, and leaves Colab's CUDA build of torch alone)."""
+    from packaging.requirements import Requirement  # pip's own parser of requirement lines; every Colab has it
+
     missing = []
     for line in pathlib.Path(path).read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -111,6 +109,10 @@ def show(*paths):
 
 def describe_runtime():
     """Print the device the steps will train on, its name and precision; warn on a CPU runtime."""
+    import torch
+
+    import utils
+
     device = utils.get_device()
     dtype = utils.autocast_dtype(device)
     precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} mixed precision" + (

@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import errno
+import inspect
 import io
 import json
 import math
@@ -413,17 +414,34 @@ def file_lock(path, waiting_for):
     """Hold the lock file `path` while the block runs: processes that share a folder (the jobs of a cluster
     array, two terminals) take turns. One that has to wait says so once, naming `waiting_for`. filelock's locks
     are the operating system's (flock on Linux and macOS, also across a cluster's NFS; msvcrt on Windows), so a
-    lock held by a process that was killed is released with it."""
-    lock = filelock.FileLock(path)
+    lock held by a process that was killed is released with it.
+
+    Some file systems have no such locks (Google Drive as Colab mounts it, among others): there the block runs
+    unlocked, after a line saying so. A lock file of filelock's own kind instead (its soft fallback) would outlive
+    a process killed by a runtime reset and make the next run wait forever."""
+    settings = {"fallback_to_soft": False} if "fallback_to_soft" in inspect.signature(filelock.FileLock).parameters \
+        else {}  # filelock 4 falls back to its soft lock where flock fails; filelock 3 raises instead
+    lock = filelock.FileLock(path, **settings)
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
         print(f"waiting for {waiting_for} (lock '{path}')")
         lock.acquire()
+    except (NotImplementedError, OSError) as error:  # filelock 3's word for no flock, and filelock 4's
+        if isinstance(error, OSError) and error.errno not in NO_LOCKS:
+            raise
+        print(f"note: '{pathlib.Path(path).parent}' cannot hold file locks: nothing stops two runs in it at once, "
+              f"so run one at a time there")
+        yield
+        return
     try:
         yield
     finally:
         lock.release()
+
+
+# What flock says on a file system without locks.
+NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 def cannot_write(path, error):

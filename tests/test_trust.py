@@ -317,3 +317,18 @@ def test_task2_on_a_full_file_system_stops_with_one_line_and_resume_auto_ends_it
         assert_same(outcome(tmp_path / "run", "task2"), outcome(tmp_path / "reference", "task2"))
     finally:
         subprocess.run(["umount", str(checkpoints)], check=True)
+
+
+def test_a_folder_that_cannot_hold_file_locks_trains_unlocked_after_a_note(tmp_path, pickled_dir, monkeypatch):
+    """Google Drive as Colab mounts it has no flock: the training goes on, unlocked, and says so."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    shutil.copytree(pickled_dir, tmp_path / "data")
+    done = run_script(["task2.py", *DATA], cwd=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert f"note: '{Path('checkpoints/task2')}' cannot hold file locks" in done.stdout, done.stdout
+    assert (tmp_path / "results/task2.json").is_file()
