@@ -7,6 +7,8 @@ Outside Colab (a Jupyter of one's own) the same cells run; only the download to 
 requirements may not be installed yet.
 """
 import importlib.metadata
+import io
+import math
 import pathlib
 import shlex
 import shutil
@@ -81,15 +83,21 @@ class StepFailed(Exception):
         return [f"{type(self).__name__}: {self}"]
 
 
-def run(*argv):
+def run(*argv, progress_every_s=10.0):
     """Run `python <argv>` in the project folder, each line of its output printed as it comes (it sees no
-    terminal, so it prints a line per validation instead of progress bars); a failure stops "Run all"."""
+    terminal, so the training prints a line per validation instead of progress bars); a failure stops "Run all".
+    What a child redraws in place with carriage returns (a download's progress bar) is shown once every
+    `progress_every_s` seconds, not as a scroll of hundreds of lines."""
     print(f"$ {shlex.join(['python', *argv])}", flush=True)
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1)
-    for line in process.stdout:
-        print(line, end="", flush=True)
+    start, last_progress = time.perf_counter(), -math.inf
+    process = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # newline="": lines end at \n or \r, and keep their ending, so that a redrawn line can be told apart.
+    for line in io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline=""):
+        if line.endswith("\r"):
+            if time.perf_counter() - last_progress < progress_every_s or not line.strip():
+                continue
+            last_progress = time.perf_counter()
+        print(line.rstrip("\r\n"), flush=True)
     if process.wait() != 0:
         raise StepFailed(f"'{shlex.join(['python', *argv])}' ended with exit status {process.returncode}; its last "
                          f"lines, above, say why")

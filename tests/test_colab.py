@@ -227,3 +227,19 @@ def test_progress_bars_in_a_jupyter_kernel_not_in_a_process_that_imported_one(tm
                                      "import trainer; print(trainer.progress_bars_wanted())")
     done = execute(nbformat.v4.new_notebook(cells=[cell]), tmp_path)
     assert cell_output(done.cells[0]).strip() == "True"
+
+
+def test_a_steps_progress_bar_is_shown_now_and_then_not_as_a_scroll(tmp_path, capsys):
+    import colab
+
+    child = tmp_path / "child.py"
+    child.write_text("import sys, time\n"
+                     "for i in range(200):\n"
+                     "    sys.stdout.write(f'download {i}%\\r'); sys.stdout.flush()\n"
+                     "print('validation line'); print('done')\n")
+    colab.run(str(child), progress_every_s=3600)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:4] == ["download 0%", "validation line", "done"] and "\r" not in "".join(out), out
+    child.write_text("import sys; print('the last line'); sys.exit(3)\n")
+    with pytest.raises(colab.StepFailed, match="ended with exit status 3"):
+        colab.run(str(child))
