@@ -97,7 +97,7 @@ def orthogonalized(updates, steps, batch=None):
     """orthogonalize() of each update's filters as rows of a matrix. With batch (the default on a GPU), the
     updates of one shape are iterated as one batch: a step there is bound by kernel launches, not arithmetic.
     On the CPU, which is bound by arithmetic, one at a time: a batch of a few products spread over the cores was
-    slower there (0.6-1.0x; records/cpu_zen5/README.md). Both give the same bits."""
+    slower there (0.7-0.9x the speed; records/cpu_zen5/README.md). Both give the same bits."""
     groups = {}
     for i, update in enumerate(updates):
         together = update.is_cuda if batch is None else batch

@@ -34,16 +34,16 @@ class NoSpaceLeft(UserError):
     what to do; a training script's run_cli adds the command that continues the run."""
 
     def __init__(self, folder, needed=None, quota=False):
-        self.folder, self.needed, self.quota = pathlib.Path(folder), needed, quota
+        folder = pathlib.Path(folder)
         facts = [f"{human_size(needed)} needed"] if needed is not None else []
         if quota:  # the file system may have room; the user's share of it has none
             facts.insert(0, "disk quota exceeded")
         else:
-            free = free_space(self.folder)
+            free = free_space(folder)
             facts += [f"{human_size(free)} free"] if free is not None else []
-        self.facts = f" ({', '.join(facts)})" if facts else ""
-        super().__init__(f"no space left in '{self.folder}'{self.facts}: free some space, or ask for more quota, "
-                         f"then run the same command again")
+        facts = f" ({', '.join(facts)})" if facts else ""
+        super().__init__(f"no space left in '{folder}'{facts}: free some space, or ask for more quota, then run the "
+                         f"same command again")
 
     @classmethod
     def from_error(cls, error, folder, needed=None):
@@ -105,17 +105,20 @@ def run_cli(main, resumable=False):
     number. resumable: the script trains with the Trainer, so a full disk's line names `--resume auto`, which goes
     on from the last checkpoint (running the command as it was would start the run afresh)."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file (a cluster job's) line by line
+
+    def no_space(error):
+        return f"error: {error}" + (f" with --resume auto: {resume_auto_command(sys.argv)}" if resumable else "")
+
     try:
         main(sys.argv[1:])
     except NoSpaceLeft as error:
-        sys.exit(f"error: {error}" + (f" with --resume auto: {resume_auto_command(sys.argv)}" if resumable else ""))
+        sys.exit(no_space(error))
     except UserError as error:
         sys.exit(f"error: {error}")
     except OSError as error:
         if error.errno in OUT_OF_SPACE:  # a write outside save_bytes (a download, say): its folder where known
-            folder = pathlib.Path(error.filename).parent if error.filename else pathlib.Path.cwd()
-            sys.exit(f"error: {NoSpaceLeft.from_error(error, folder)}"
-                     + (f" with --resume auto: {resume_auto_command(sys.argv)}" if resumable else ""))
+            sys.exit(no_space(NoSpaceLeft.from_error(
+                error, pathlib.Path(error.filename).parent if error.filename else pathlib.Path.cwd())))
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         sys.exit(f"error: {cannot_write(error.filename, error)}")
