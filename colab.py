@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 
 
@@ -69,9 +68,9 @@ def put_data(target, source=""):
     if source.is_dir():
         shutil.copytree(source, target)
     else:
-        with tarfile.open(source) as archive:
-            # The "data" filter (Python 3.12, and the security releases before it) keeps every name inside target.
-            archive.extractall(target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        import utils  # here: it needs the requirements, installed by now
+
+        utils.unpack_archive(source, target)
     print(f"CIFAR-10: copied '{source}' to '{target}' in {time.perf_counter() - start:.0f} s")
     return target
 

@@ -154,8 +154,7 @@ def main(argv=(), run=in_a_process):
     args = parser.parse_args(argv)
     data_dir = pathlib.Path(args.data_dir)
     if args.data_archive and not data_dir.exists():
-        with tarfile.open(args.data_archive) as tar:
-            tar.extractall(data_dir, filter="data")
+        utils.unpack_archive(args.data_archive, data_dir)
     device = utils.get_device(args.device)
     work = pathlib.Path(args.output) / (device_name(device) + ("-smoke" if args.smoke else ""))
     work.mkdir(parents=True, exist_ok=True)

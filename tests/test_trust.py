@@ -262,6 +262,33 @@ def test_a_full_disk_during_the_download_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
 
 
+def test_an_archive_is_unpacked_whole_or_not_at_all(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"):
+            info = tarfile.TarInfo(name)
+            info.size = 100_000
+            tar.addfile(info, io.BytesIO(os.urandom(info.size)))  # random: the gzip stream stays as long
+    utils.unpack_archive(archive, tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "whole" / "cifar-10-batches-py").iterdir()) == ["data_batch_1",
+                                                                                              "test_batch"]
+    cut = tmp_path / "cut.tar.gz"  # a copy from Drive that stopped halfway: the first member whole, not the second
+    cut.write_bytes(archive.read_bytes()[:150_000])
+    with pytest.raises((EOFError, tarfile.TarError)):
+        utils.unpack_archive(cut, tmp_path / "data" / "cifar10")
+    assert list((tmp_path / "data").iterdir()) == []  # no half folder for a later run to take for the data
+    escaping = tmp_path / "escaping.tar"
+    with tarfile.open(escaping, "w") as tar:
+        info = tarfile.TarInfo("../outside")
+        tar.addfile(info, io.BytesIO())
+    with pytest.raises(tarfile.TarError):  # the "data" filter: no name outside the folder
+        utils.unpack_archive(escaping, tmp_path / "data" / "cifar10")
+    assert not (tmp_path / "data" / "outside").exists() and list((tmp_path / "data").iterdir()) == []
+
+
 def test_a_full_disk_when_writing_the_zip_keeps_the_old_one(tmp_path, monkeypatch):
     old = tmp_path / "assignment_code.zip"
     old.write_bytes(b"the zip made before")
